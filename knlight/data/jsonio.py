@@ -1,0 +1,130 @@
+"""Small JSON / JSONL helpers that turn every input problem into a :class:`DataError` naming file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from knlight.data.errors import DataError
+
+
+def require_dir(path: Path, what: str, expected: str) -> Path:
+    """Checks that a folder exists.
+
+    Args:
+        path: The folder.
+        what: What the folder is, for the message (e.g. "mParaRel root").
+        expected: The layout expected inside it, for the message.
+
+    Returns:
+        The same path.
+
+    Raises:
+        DataError: If the folder does not exist.
+    """
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"{what} {path} {state}; expected the layout {expected}. Pass the right folder.")
+    return path
+
+
+def require_file(path: Path, what: str, expected: str) -> Path:
+    """Checks that a file exists.
+
+    Args:
+        path: The file.
+        what: What the file is, for the message.
+        expected: The layout or content expected, for the message.
+
+    Returns:
+        The same path.
+
+    Raises:
+        DataError: If the file does not exist.
+    """
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist; expected {expected}. Pass the right folder or file.")
+    return path
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields ``(line_number, object)`` for each non-blank line of a JSONL file.
+
+    Args:
+        path: The JSONL file (UTF-8).
+
+    Yields:
+        The 1-based line number and the decoded JSON object of each non-blank line.
+
+    Raises:
+        DataError: If the file is not UTF-8, a line is not valid JSON, or a line is not a JSON object.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(
+                        f"{path}:{line_number}: malformed JSON line ({error.msg} at column {error.colno}); "
+                        "fix or remove that line (one JSON object per line)."
+                    ) from None
+                if not isinstance(value, dict):
+                    raise DataError(
+                        f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}; "
+                        "fix or remove that line."
+                    )
+                yield line_number, value
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason}); re-encode the file as UTF-8.") from None
+
+
+def read_json(path: Path) -> Any:
+    """Reads a whole JSON file.
+
+    Args:
+        path: The JSON file (UTF-8).
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        DataError: If the file is not UTF-8 or not valid JSON (the message gives line and column).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno}); fix the file."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason}); re-encode the file as UTF-8.") from None
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes a text file so that readers never see a half-written file.
+
+    The text goes to a temporary file in the same folder, which then replaces ``path`` in one step.
+
+    Args:
+        path: The destination; its folder is created if needed.
+        text: The UTF-8 text to write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
