@@ -170,8 +170,11 @@ def validate_records_file(path: str | Path) -> list[FactRecord]:
             or one uuid has different relations.
     """
     path = Path(path)
-    require_file(path, "records file", "RML-LAMA records (one JSON object per line); build one with "
-                 "`python -m knlight.data.build`")
+    require_file(
+        path,
+        "records file",
+        "RML-LAMA records (one JSON object per line); build one with `python -m knlight.data.build`",
+    )
     records: list[FactRecord] = []
     first_line_of: dict[tuple[str, str], int] = {}
     relation_of: dict[str, tuple[str, int]] = {}
@@ -339,6 +342,8 @@ def read_manifest(records_path: str | Path) -> dict[str, Any]:
         DataError: If the manifest is missing or malformed.
     """
     manifest_path = require_file(
-        manifest_path_for(records_path), "manifest", "the manifest written by write_records beside the records"
+        manifest_path_for(records_path),
+        "manifest",
+        "the manifest written by write_records beside the records",
     )
     return read_json(manifest_path)

@@ -8,13 +8,14 @@ from collections.abc import Iterable
 
 # Scripts (first word of the Unicode character name) a language's templates are expected to contain.
 # Languages not listed are not checked.
+# fmt: off
+LATIN_SCRIPT_LANGUAGES: tuple[str, ...] = (
+    "af", "az", "ca", "cs", "cy", "da", "de", "en", "es", "et", "fi", "fr", "ga", "gl", "hr", "hu",
+    "id", "is", "it", "lt", "lv", "ms", "nl", "pl", "pt", "ro", "sk", "sl", "sq", "sv", "tr", "vi",
+)
+# fmt: on
 EXPECTED_SCRIPTS: dict[str, frozenset[str]] = {
-    **{
-        code: frozenset({"LATIN"})
-        for code in (
-            "af az ca cs cy da de en es et fi fr ga gl hr hu id is it lt lv ms nl pl pt ro sk sl sq sv tr vi"
-        ).split()
-    },
+    **{code: frozenset({"LATIN"}) for code in LATIN_SCRIPT_LANGUAGES},
     **{code: frozenset({"CYRILLIC"}) for code in ("ru", "uk", "bg")},
     "ja": frozenset({"HIRAGANA", "KATAKANA", "CJK"}),
     "zh-hans": frozenset({"CJK"}),
