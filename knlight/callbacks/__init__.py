@@ -1,0 +1,6 @@
+"""Lightning callbacks: the attribution prediction writer and TensorBoard figures."""
+
+from knlight.callbacks.tensorboard import AttributionTensorBoard
+from knlight.callbacks.writer import AttributionWriter
+
+__all__ = ["AttributionTensorBoard", "AttributionWriter"]

@@ -1,0 +1,380 @@
+"""Writes attribution predictions as per-rank JSONL shards and merges them into one file (resumable).
+
+Output directory layout::
+
+    run.json                  what produced the results (task hyperparameters, writer settings)
+    shards/a003-r0001-b0000042.jsonl        one file per (attempt, rank, batch), written atomically
+    shards/a003-r0001-b0000042.safetensors  dense / top-k scores of the same items (``save_scores``)
+    attributions.jsonl        merged: one line per item, sorted by (uuid, language, query_id), no duplicates
+    scores.safetensors        merged scores (``save_scores``)
+    summary.json              counts per language, items/s, world size
+
+A line of ``attributions.jsonl``::
+
+    {"uuid": "...", "language": "fr", "relation": "P36", "query_id": 0, "query": "...", "answer": "Paris",
+     "prob": 0.31, "neurons": [[layer, neuron, score], ...], "residual": [...], "layer_mass": [...]}
+
+``neurons`` are sorted by score (descending); ``residual`` is the completeness residual and ``layer_mass`` the
+share of the item's positive attribution, one entry per attributed layer (``layers`` in ``summary.json``).
+Floats are written as the shortest decimal that round-trips their float32 value.
+
+Resume: at start the writer collects the keys already present in ``attributions.jsonl`` and in the shards
+and hands them to the module (``done_keys``), which skips those items; at the end everything is merged again.
+Shard names carry an attempt number, so a new run never overwrites an earlier run's shards. A run whose
+results would differ (other model, steps, thresholds, ...; see ``run.json``) is refused instead of mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+MERGED = "attributions.jsonl"
+SCORES = "scores.safetensors"
+SUMMARY = "summary.json"
+RUN = "run.json"
+_SHARD = re.compile(r"^a(\d+)-r(\d+)-b(\d+)\.jsonl$")
+
+
+def short_float(value: float) -> float | None:
+    """The shortest decimal that round-trips ``value`` as float32 (None for NaN, so the JSON stays valid)."""
+    value32 = np.float32(value)
+    return None if np.isnan(value32) else float(str(value32))
+
+
+def item_line(prediction: dict[str, Any]) -> str:
+    """One JSONL line for one predicted item (dense scores are not part of it)."""
+    record = {
+        "uuid": prediction["uuid"],
+        "language": prediction["language"],
+        "relation": prediction.get("relation"),
+        "query_id": prediction["query_id"],
+        "query": prediction["query"],
+        "answer": prediction["answer"],
+        "prob": short_float(prediction["prob"]),
+        "neurons": [
+            [int(layer), int(index), short_float(score)] for layer, index, score in prediction["neurons"]
+        ],
+        "residual": [None if r is None else short_float(r) for r in prediction["residual"]],
+        "layer_mass": [short_float(m) for m in prediction["layer_mass"]],
+    }
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def line_key(line: str) -> tuple[Any, ...]:
+    """``(uuid, language, query_id)`` of a JSONL line."""
+    record = json.loads(line)
+    return (record["uuid"], record["language"], record["query_id"])
+
+
+def tensor_key(key: Sequence[Any]) -> str:
+    """Name of an item's tensors in the scores file: its key as a JSON list, e.g. ``["Q90","fr",0]``."""
+    return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Write text lines (each ending with a newline) atomically."""
+
+    def write(target: str) -> None:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _write_atomically(path, write)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file (a missing file has none)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+class AttributionWriter(BasePredictionWriter):
+    """Writes each rank's predictions per batch as JSONL shards; rank 0 merges them when predict ends.
+
+    See the module documentation for the files and their format. The output directory must be visible to
+    every process (on several nodes: a shared filesystem).
+
+    Args:
+        output_dir: Where results go. Default: ``<logger save_dir>/<logger name>/attributions`` (without the
+            version, so re-running the same config resumes), or ``<default_root_dir>/attributions`` without a
+            logger.
+        save_scores: Also save each item's scores as safetensors (``scores.safetensors``, one entry per item
+            named by :func:`tensor_key`). Needs the module's ``return_scores: true``.
+        scores_top_k: Save only the k highest scores per item (``<key>/index`` as (layer, neuron) rows and
+            ``<key>/score``) instead of the dense ``<key>/scores`` ``[layers, d_ff]`` (dense files are large:
+            items × layers × d_ff × 4 bytes).
+        keep_shards: Keep the shard files after a successful merge (they are deleted by default).
+        resume: Skip items already in ``output_dir`` (default). False refuses to run when it already holds
+            results.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        save_scores: bool = False,
+        scores_top_k: int | None = None,
+        keep_shards: bool = False,
+        resume: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if scores_top_k is not None and scores_top_k < 1:
+            raise ValueError(f"scores_top_k must be >= 1 or null (dense), got {scores_top_k}")
+        self.output_dir = output_dir
+        self.save_scores = save_scores
+        self.scores_top_k = scores_top_k
+        self.keep_shards = keep_shards
+        self.resume = resume
+        self.dir: Path | None = None
+        self.attempt = 0
+        self.previously_done: set[tuple[Any, ...]] = set()
+        self.records: list[dict[str, Any]] | None = None
+        self.summary: dict[str, Any] | None = None
+        self._started = 0.0
+        self._finalized = False
+
+    # -- paths -----------------------------------------------------------------------------------------------
+
+    def resolve_dir(self, trainer: pl.Trainer) -> Path:
+        """The output directory (see ``output_dir``)."""
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        logger = trainer.logger
+        if logger is not None and getattr(logger, "save_dir", None) is not None:
+            return Path(logger.save_dir) / (logger.name or "") / "attributions"
+        return Path(trainer.default_root_dir) / "attributions"
+
+    @property
+    def shard_dir(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "shards"
+
+    def shards(self) -> list[Path]:
+        """Existing JSONL shards, in name order."""
+        if not self.shard_dir.is_dir():
+            return []
+        return sorted(p for p in self.shard_dir.iterdir() if _SHARD.match(p.name))
+
+    # -- set-up (all ranks) ----------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "predict":
+            return
+        if self.save_scores and not getattr(pl_module, "return_scores", False):
+            raise ValueError(
+                "AttributionWriter(save_scores=true) needs the module's scores: set "
+                "model.init_args.return_scores: true"
+            )
+        self._finalized = False
+        self.records = self.summary = None
+        strategy = trainer.strategy
+        self.dir = Path(strategy.broadcast(str(self.resolve_dir(trainer))))
+        problem, attempt, done = None, 0, set()
+        if trainer.is_global_zero:
+            problem = self._check_run(pl_module)
+            if problem is None:
+                attempt = 1 + max((int(_SHARD.match(p.name)[1]) for p in self.shards()), default=0)  # type: ignore[index]
+                done = self._done_keys()
+        problem = strategy.broadcast(problem)
+        if problem is not None:
+            raise RuntimeError(problem)
+        self.attempt = strategy.broadcast(attempt)
+        self.previously_done = strategy.broadcast(done)
+        if hasattr(pl_module, "done_keys"):
+            pl_module.done_keys = set(self.previously_done)
+        if self.previously_done and trainer.is_global_zero:
+            log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))
+
+    def _fingerprint(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        task = getattr(pl_module, "fingerprint", lambda: dict(pl_module.hparams))()
+        return _jsonable(
+            {
+                "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "hparams": task,
+                "writer": {"save_scores": self.save_scores, "scores_top_k": self.scores_top_k},
+            }
+        )
+
+    def _check_run(self, pl_module: pl.LightningModule) -> str | None:
+        """Rank 0: refuse to mix results of different settings; record the settings of a new output dir."""
+        assert self.dir is not None
+        has_results = (self.dir / MERGED).is_file() or bool(self.shards())
+        if has_results and not self.resume:
+            return (
+                f"{self.dir} already holds attribution results and resume is false; remove the folder, "
+                "choose another output_dir, or set resume: true to skip the items already done"
+            )
+        current = self._fingerprint(pl_module)
+        run_file = self.dir / RUN
+        if run_file.is_file():
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+            if previous != current and has_results:
+                changed = sorted(
+                    f"{group}.{key}"
+                    for group in ("hparams", "writer")
+                    for key in set(previous.get(group, {})) | set(current[group])
+                    if previous.get(group, {}).get(key) != current[group].get(key)
+                )
+                if previous.get("task") != current["task"]:
+                    changed.insert(0, "task")
+                return (
+                    f"{self.dir} holds results of a run with different settings ({', '.join(changed)}; see "
+                    f"{run_file}); resuming would mix them. Choose another output_dir or remove the folder."
+                )
+        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+        write_lines_atomically(run_file, [text.rstrip("\n")])
+        return None
+
+    def _done_keys(self) -> set[tuple[Any, ...]]:
+        assert self.dir is not None
+        keys = {line_key(line) for line in read_lines(self.dir / MERGED)}
+        for shard in self.shards():
+            keys.update(line_key(line) for line in read_lines(shard))
+        return keys
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()  # after the model is loaded: items/s measures attribution only
+
+    # -- per batch (each rank) -------------------------------------------------------------------------------
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not prediction:  # every item of the batch was done before
+            return
+        name = f"a{self.attempt:03d}-r{trainer.global_rank:04d}-b{dataloader_idx:02d}{batch_idx:07d}"
+        if self.save_scores:
+            # Scores first: the JSONL shard is what marks the items done.
+            tensors = {}
+            for p in prediction:
+                tensors.update(self._item_tensors(p))
+            meta = {"layers": json.dumps(list(prediction[0]["layers"])), "format": self._score_format()}
+            _write_atomically(self.shard_dir / f"{name}.safetensors", lambda t: save_file(tensors, t, meta))
+        write_lines_atomically(self.shard_dir / f"{name}.jsonl", [item_line(p) for p in prediction])
+
+    def _score_format(self) -> str:
+        return "dense" if self.scores_top_k is None else f"top_{self.scores_top_k}"
+
+    def _item_tensors(self, prediction: dict[str, Any]) -> dict[str, torch.Tensor]:
+        key = tensor_key((prediction["uuid"], prediction["language"], prediction["query_id"]))
+        scores = prediction["scores"].detach().float().cpu()
+        if self.scores_top_k is None:
+            return {f"{key}/scores": scores.contiguous()}
+        k = min(self.scores_top_k, scores.numel())
+        order = torch.argsort(scores.flatten(), descending=True, stable=True)[:k]
+        layers = torch.tensor(prediction["layers"])[order // scores.shape[1]]
+        index = torch.stack([layers, order % scores.shape[1]], dim=1)
+        return {f"{key}/index": index.contiguous(), f"{key}/score": scores.flatten()[order].contiguous()}
+
+    # -- end (all ranks; rank 0 merges) ----------------------------------------------------------------------
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finalize(trainer)
+
+    def finalize(self, trainer: pl.Trainer) -> list[dict[str, Any]] | None:
+        """Merges all shards once every rank is done (idempotent); returns the merged records on rank 0."""
+        if not self._finalized:
+            trainer.strategy.barrier("knlight-writer-merge")
+            if trainer.is_global_zero:
+                self._merge(trainer.world_size)
+            trainer.strategy.barrier("knlight-writer-merged")
+            self._finalized = True
+        return self.records
+
+    def _merge(self, world_size: int) -> None:
+        assert self.dir is not None
+        shards = self.shards()
+        seen: dict[tuple[Any, ...], str] = {}
+        for line in read_lines(self.dir / MERGED):
+            seen.setdefault(line_key(line), line)
+        new_keys: set[tuple[Any, ...]] = set()
+        for shard in shards:
+            for line in read_lines(shard):
+                key = line_key(line)
+                seen.setdefault(key, line)  # DDP may process an item twice: keep one copy
+                if _SHARD.match(shard.name)[1] == f"{self.attempt:03d}":  # type: ignore[index]
+                    new_keys.add(key)
+        order = sorted(seen)
+        write_lines_atomically(self.dir / MERGED, (seen[k] for k in order))
+        if self.save_scores:
+            self._merge_scores(shards, {tensor_key(k) for k in order})
+        self.records = [json.loads(seen[k]) for k in order]
+        seconds = time.perf_counter() - self._started
+        computed = len(new_keys - self.previously_done)
+        self.summary = {
+            "items": len(order),
+            "computed": computed,
+            "resumed": len(self.previously_done),
+            "per_language": dict(sorted(Counter(r["language"] for r in self.records).items())),
+            "seconds": round(seconds, 3),
+            "items_per_s": round(computed / seconds, 3) if seconds > 0 else None,
+            "world_size": world_size,
+        }
+        write_lines_atomically(self.dir / SUMMARY, [json.dumps(self.summary, indent=2)])
+        if not self.keep_shards:
+            for shard in shards:
+                shard.unlink(missing_ok=True)
+                shard.with_suffix(".safetensors").unlink(missing_ok=True)
+            if self.shard_dir.is_dir() and not any(self.shard_dir.iterdir()):
+                self.shard_dir.rmdir()
+        log.info("merged %d items into %s (%d computed now)", len(order), self.dir / MERGED, computed)
+
+    def _merge_scores(self, shards: list[Path], wanted: set[str]) -> None:
+        assert self.dir is not None
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {}
+        sources = [self.dir / SCORES] + [s.with_suffix(".safetensors") for s in shards]
+        for source in sources:
+            if not source.is_file():
+                continue
+            with safe_open(str(source), framework="pt") as handle:
+                metadata = metadata or dict(handle.metadata() or {})
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if name.rsplit("/", 1)[0] in wanted and name not in tensors:
+                        tensors[name] = handle.get_tensor(name)
+        _write_atomically(self.dir / SCORES, lambda t: save_file(dict(sorted(tensors.items())), t, metadata))

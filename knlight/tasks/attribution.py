@@ -1,0 +1,243 @@
+"""Integrated-gradient attribution of FFN neurons as a (distributed, resumable) Lightning predict loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+
+from knlight.neurons.attribution import Attribution, attribute_batch
+from knlight.neurons.prompts import EncodedQuery, QueryError
+from knlight.neurons.selection import coarse_mask, top_k_mask
+from knlight.tasks.base import BaseTask
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA's ``OutOfMemoryError`` or a RuntimeError saying so)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def select_neurons(
+    scores: torch.Tensor, layers: list[int], threshold: float, top_k: int | None
+) -> list[tuple[int, int, float]]:
+    """Coarse knowledge neurons of one item: ``Attr > threshold · max Attr`` over all layers and neurons.
+
+    Args:
+        scores: ``[len(layers), d_ff]`` attribution of one item.
+        layers: The model layer of each row of ``scores``.
+        threshold: Fraction τ of the item's maximum attribution.
+        top_k: Keep at most this many (the highest); None keeps all above the threshold.
+
+    Returns:
+        ``(layer, neuron, score)`` sorted by score (descending), ties by (layer, neuron); empty when no
+        attribution is positive.
+
+    Raises:
+        ValueError: When the scores contain NaN or τ is outside [0, 1].
+    """
+    mask = coarse_mask(scores, threshold)
+    if top_k is not None:
+        mask = top_k_mask(scores, top_k, within=mask)
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    found = [(layers[int(r)], int(c), float(scores[r, c])) for r, c in zip(rows.tolist(), cols.tolist())]
+    found.sort(key=lambda n: (-n[2], n[0], n[1]))
+    return found
+
+
+class AttributionModule(BaseTask):
+    """Attributes each (fact, language, query) item to FFN neurons with integrated gradients (predict loop).
+
+    ``predict_step`` returns one dict per item: its ids (``uuid``, ``language``, ``relation``, ``query_id``),
+    ``query``, ``answer``, ``prob`` (P(answer) under the clean model), ``neurons`` (coarse neurons, see
+    :func:`select_neurons`), ``residual`` (completeness residual per attributed layer), ``layer_mass`` (share
+    of the item's positive attribution in each attributed layer) and, when ``return_scores``, the dense
+    ``scores`` ``[len(layers), d_ff]``. Items an earlier run already wrote are skipped (see
+    :class:`knlight.callbacks.AttributionWriter`). Run it with ``trainer.inference_mode: false``: IG needs
+    gradients.
+
+    Args:
+        model: Hub id (``bert-base-multilingual-cased``, ``ai-forever/mGPT``, ...), local folder or ``.gguf``
+            file, or ``tiny:<arch>[:seed]`` for a tiny random model (tests, demos).
+        tokenizer: Where to load the tokenizer from (default: the model's).
+        dtype: Weight and compute dtype (default float32; ``bf16``, ``fp16``).
+        gguf_file: GGUF file name inside ``model`` (a ``model`` path ending in ``.gguf`` sets it too).
+        engine: ``fast`` (default) or ``reference`` (plain autograd, one layer at a time; same numbers).
+        baseline: ``zero`` (Dai et al.) or ``amig`` (one baseline per query word: [MASK] / EOS).
+        aggregation: For the ``amig`` baseline: ``paper`` (sum per-word IG, normalise each layer) or ``code``
+            (the AMIG code's averaged baseline).
+        quadrature: ``riemann_right`` (Dai), ``eleuther``, ``trapezoid`` or ``gauss_legendre``.
+        steps: Number of quadrature nodes m.
+        layers: Layers to attribute (default all).
+        objective: ``prob`` (F = P(answer)) or ``log_prob``.
+        chunk_rows: Upper bound on rows the fast engine processes at once (lower it when memory is short).
+        completeness: Also compute the completeness residual per layer (one extra row per problem).
+        micro_batch_size: Items attributed together in one call. 1 (default) makes every item's numbers
+            independent of its batch-mates, so outputs are byte-identical whatever the DDP world size or
+            resume point; larger values batch prompts together (items then differ by float rounding,
+            ~1e-9, between batchings). A micro-batch that runs out of memory is split in halves and retried.
+        threshold: Global τ: a neuron is selected when its attribution exceeds τ · the item's maximum.
+        language_thresholds: Per-language τ overriding ``threshold`` (AMIG used ``{en: 0.3, zh: 0.2}``).
+        top_k: Keep at most this many selected neurons per item (the highest); None keeps all.
+        return_scores: Include the dense scores in each prediction (needed by the writer's ``save_scores``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        gguf_file: str | None = None,
+        engine: Literal["fast", "reference"] = "fast",
+        baseline: Literal["zero", "amig"] = "zero",
+        aggregation: Literal["paper", "code"] = "paper",
+        quadrature: Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"] = "riemann_right",
+        steps: int = 20,
+        layers: list[int] | None = None,
+        objective: Literal["prob", "log_prob"] = "prob",
+        chunk_rows: int | None = None,
+        completeness: bool = True,
+        micro_batch_size: int | None = 1,
+        threshold: float = 0.2,
+        language_thresholds: dict[str, float] | None = None,
+        top_k: int | None = None,
+        return_scores: bool = False,
+    ) -> None:
+        super().__init__(model, tokenizer, dtype, gguf_file)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or null (whole batch), got {micro_batch_size}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or null (no cap), got {top_k}")
+        self.save_hyperparameters()
+        self.ig_options: dict[str, Any] = dict(
+            layers=layers,
+            steps=steps,
+            baseline=baseline,
+            quadrature_name=quadrature,
+            engine=engine,
+            objective=objective,
+            aggregation=aggregation,
+            chunk_rows=chunk_rows,
+            completeness=completeness,
+        )
+        self.micro_batch_size = micro_batch_size
+        self.threshold = threshold
+        self.language_thresholds = dict(language_thresholds or {})
+        self.top_k = top_k
+        self.return_scores = return_scores
+        self.items_computed = 0
+        self.items_skipped = 0
+
+    def threshold_for(self, language: str) -> float:
+        """τ for one language: its entry in ``language_thresholds``, else the global ``threshold``."""
+        return self.language_thresholds.get(language, self.threshold)
+
+    def predict_step(
+        self, batch: list[Item], batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """Attributes the batch's items that are not done yet; returns one result dict per computed item."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "AttributionModule needs gradients but predict runs under torch.inference_mode(); set "
+                "`trainer.inference_mode: false` (CLI: --trainer.inference_mode false)."
+            )
+        todo = [item for item in batch if not self.is_done(item)]
+        self.items_skipped += len(batch) - len(todo)
+        if not todo:
+            return []
+        encoded = [self._encode(item) for item in todo]
+        size = self.micro_batch_size or len(todo)
+        results: list[dict[str, Any]] = []
+        with torch.enable_grad():  # Lightning's predict loop runs under no_grad
+            for start in range(0, len(todo), size):
+                chunk = slice(start, start + size)
+                attribution = self._attribute(encoded[chunk], todo[chunk])
+                results.extend(self._results(todo[chunk], attribution))
+        self.items_computed += len(results)
+        return results
+
+    def _encode(self, item: Item) -> EncodedQuery:
+        try:
+            return self.lm.encode(item["query"], item["answer"])
+        except QueryError as error:
+            raise QueryError(
+                f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r} "
+                f"(query {item['query']!r}, answer {item['answer']!r}): {error}"
+            ) from error
+
+    def _attribute(self, encoded: list[EncodedQuery], items: list[Item]) -> Attribution:
+        """``attribute_batch``; on out-of-memory, split the items in halves and retry (recursively)."""
+        try:
+            return attribute_batch(self.lm, encoded, **self.ig_options)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                item = items[0]
+                raise torch.OutOfMemoryError(
+                    f"out of memory attributing a single item (uuid={item['uuid']!r}, "
+                    f"language={item['language']!r}, query_id={item['query_id']!r}); lower model.chunk_rows, "
+                    "model.steps or the number of model.layers, or use a device with more memory"
+                ) from error
+            half = len(items) // 2
+            log.warning("out of memory on %d items: retrying as %d + %d", len(items), half, len(items) - half)
+            first = self._attribute(encoded[:half], items[:half])
+            second = self._attribute(encoded[half:], items[half:])
+            return Attribution(
+                scores=torch.cat([first.scores, second.scores]),
+                layers=first.layers,
+                prob=torch.cat([first.prob, second.prob]),
+                delta=torch.cat([first.delta, second.delta]),
+                residual=torch.cat([first.residual, second.residual]),
+            )
+
+    def _results(self, items: list[Item], attribution: Attribution) -> list[dict[str, Any]]:
+        out = []
+        for i, item in enumerate(items):
+            scores = attribution.scores[i].float()
+            positive = scores.clamp_min(0).sum(-1)
+            total = float(positive.sum())
+            result: dict[str, Any] = {
+                "uuid": item["uuid"],
+                "language": item["language"],
+                "relation": item.get("relation"),
+                "query_id": item["query_id"],
+                "query": item["query"],
+                "answer": item["answer"],
+                "prob": float(attribution.prob[i]),
+                "neurons": select_neurons(
+                    scores, attribution.layers, self.threshold_for(item["language"]), self.top_k
+                ),
+                "residual": [None if math.isnan(r) else r for r in attribution.residual[i].tolist()],
+                "layer_mass": (positive / total).tolist() if total > 0 else [0.0] * len(positive),
+                "layers": attribution.layers,
+            }
+            if self.return_scores:
+                result["scores"] = scores
+            out.append(result)
+        return out
+
+    def on_predict_start(self) -> None:
+        self.items_computed = 0
+        self.items_skipped = 0
+
+    def on_predict_end(self) -> None:
+        log.info(
+            "rank %d: attributed %d items, skipped %d already done",
+            self.global_rank,
+            self.items_computed,
+            self.items_skipped,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Hyperparameters that determine the results (memory/batching knobs excluded)."""
+        return {k: v for k, v in self.hparams.items() if k not in ("chunk_rows", "micro_batch_size")}
