@@ -67,8 +67,10 @@ def tiny_tokenizer(kind: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
         )
+        # BERT models take token_type_ids; the plain fast class would not return them.
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            tokenizer_object=tok, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+            unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
             mask_token="[MASK]",
         )
     if kind == "unigram":
