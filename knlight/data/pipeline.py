@@ -272,10 +272,23 @@ def align_languages(
             if skipped
             else ""
         )
+        dropped = "; ".join(
+            f"{language}: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(dropped_of_language.items()))
+            for language in languages
+            if (
+                dropped_of_language := {
+                    name: count
+                    for name, count in report.per_language[language].items()
+                    if name.startswith("records.dropped")
+                }
+            )
+        )
         raise DataError(
             f"after --all_languages true: no fact is present in every language of --languages "
-            f"({', '.join(languages)}); facts per language: {counts}{skipped_text}. Choose fewer languages "
-            "or pass --all_languages false."
+            f"({', '.join(languages)}); facts per language: {counts}{skipped_text}"
+            + (f"; records dropped before alignment: {dropped}" if dropped else "")
+            + ". Choose fewer languages or pass --all_languages false."
         )
     return kept
 

@@ -350,6 +350,9 @@ def read_mlama(root: Path, options: BuildOptions, report: BuildReport) -> tuple[
     """
     source = f"mLAMA layout at {root}"
     require_dir(root, "mLAMA root", MLAMA_LAYOUT)
+    for language in options.languages or ():
+        if (root / language).is_dir():  # the language is there but incomplete: name the missing file
+            require_file(root / language / "templates.jsonl", "templates file", MLAMA_LAYOUT)
     available = {name for name in _subdirectories(root) if (root / name / "templates.jsonl").is_file()}
     if not available:
         raise DataError(f"{root}: no <lang>/templates.jsonl found; expected the layout {MLAMA_LAYOUT}.")
