@@ -7,6 +7,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Callback
 
 from knlight.neurons.attribution import Attribution, attribute_batch
 from knlight.neurons.prompts import EncodedQuery, QueryError
@@ -225,6 +226,21 @@ class AttributionModule(BaseTask):
                 result["scores"] = scores
             out.append(result)
         return out
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Adds a default AttributionWriter and AttributionTensorBoard when the trainer has none.
+
+        Without a writer the results would only live in memory (and be lost with ``return_predictions:
+        false``); configured ones are kept as they are.
+        """
+        from knlight.callbacks import AttributionTensorBoard, AttributionWriter
+
+        present = self._trainer.callbacks if self._trainer is not None else []
+        return [
+            cls()
+            for cls in (AttributionWriter, AttributionTensorBoard)
+            if not any(isinstance(c, cls) for c in present)
+        ]
 
     def on_predict_start(self) -> None:
         self.items_computed = 0

@@ -1,0 +1,30 @@
+"""Shared test helpers: repository paths and small, isolated overrides for CLI runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "rml_small.jsonl"
+TINY_CONFIG = REPO / "configs" / "tiny" / "localize.yaml"
+
+
+def small_overrides(root: Path) -> list[str]:
+    """CLI overrides that keep a tiny-config run small (1 fact, 14 items, 4 IG steps) and under ``root``."""
+    return [
+        "--trainer.logger.init_args.save_dir", str(root / "runs"),
+        "--trainer.enable_progress_bar", "false",
+        "--data.init_args.path", str(FIXTURE),
+        "--data.init_args.max_facts", "1",
+        "--data.init_args.batch_size", "4",
+        "--model.init_args.steps", "4",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_args() -> Callable[[Path], list[str]]:
+    """``tiny_args(root)``: the predict command line of the tiny config, small and writing under ``root``."""
+    return lambda root: ["predict", "--config", str(TINY_CONFIG), *small_overrides(root)]
