@@ -429,7 +429,8 @@ class _Planter:
             for j, k in enumerate(members):
                 neuron = self.neurons[k]
                 zp = z[j][y[j]]
-                scale = 3.0 / zp.median().clamp_min(1e-3) if zp.numel() else torch.tensor(1.0)
+                # Scale so that the neuron fires clearly where it should (bounded: a poor probe must not explode).
+                scale = (cfg.pre_on * 1.5 / zp.median()).clamp(0.25, 4.0) if zp.numel() else torch.tensor(1.0)
                 _in_rows(ins[0], conv1d)[neuron.index] = w[j] * scale
                 if has_bias:
                     ins[0].bias[neuron.index] = b[j] * scale  # type: ignore[index, union-attr]
