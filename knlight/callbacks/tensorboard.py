@@ -129,19 +129,17 @@ class AttributionTensorBoard(Callback):
         summary = writer.summary or {}
         if summary.get("items_per_s") is not None:
             experiment.add_scalar("predict/items_per_s_total", summary["items_per_s"], 0)
-        num_layers = getattr(getattr(pl_module, "lm", None), "num_layers", None) or 1 + max(
-            (n[0] for r in records for n in r["neurons"]), default=0
-        )
-        layers = list(pl_module.hparams.get("layers") or range(num_layers))
+        layers = summary.get("layers") or list(range(len(records[0]["layer_mass"])))
+        num_layers = max(layers) + 1
         mass = np.mean([r["layer_mass"] for r in records], axis=0)
         experiment.add_histogram_raw(
             "attribution/layer_mass",
-            min=float(layers[0]),
-            max=float(layers[-1]),
+            min=float(min(layers)),
+            max=float(max(layers)),
             num=len(records),
             sum=float(np.dot(layers, mass)),
             sum_squares=float(np.dot(np.square(layers), mass)),
-            bucket_limits=[float(x) for x in layers],
+            bucket_limits=[x + 0.5 for x in layers],  # bucket i is (layer_{i-1} + 0.5, layer_i + 0.5]
             bucket_counts=[float(x) for x in mass],
             global_step=0,
         )

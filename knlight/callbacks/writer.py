@@ -3,11 +3,11 @@
 Output directory layout::
 
     run.json                  what produced the results (task hyperparameters, writer settings)
-    shards/a003-r0001-b0000042.jsonl        one file per (attempt, rank, batch), written atomically
-    shards/a003-r0001-b0000042.safetensors  dense / top-k scores of the same items (``save_scores``)
+    shards/a003-r0001-b000000042.jsonl        one file per (attempt, rank, dataloader + batch), atomic
+    shards/a003-r0001-b000000042.safetensors  dense / top-k scores of the same items (``save_scores``)
     attributions.jsonl        merged: one line per item, sorted by (uuid, language, query_id), no duplicates
     scores.safetensors        merged scores (``save_scores``)
-    summary.json              counts per language, items/s, world size
+    summary.json              counts per language, items/s, world size, attributed layers
 
 A line of ``attributions.jsonl``::
 
@@ -15,7 +15,8 @@ A line of ``attributions.jsonl``::
      "prob": 0.31, "neurons": [[layer, neuron, score], ...], "residual": [...], "layer_mass": [...]}
 
 ``neurons`` are sorted by score (descending); ``residual`` is the completeness residual and ``layer_mass`` the
-share of the item's positive attribution, one entry per attributed layer (``layers`` in ``summary.json``).
+share of the item's positive attribution, one entry per attributed layer (all layers by default; the list is
+``layers`` in ``summary.json``).
 Floats are written as the shortest decimal that round-trips their float32 value.
 
 Resume: at start the writer collects the keys already present in ``attributions.jsonl`` and in the shards
@@ -163,6 +164,7 @@ class AttributionWriter(BasePredictionWriter):
         self.keep_shards = keep_shards
         self.resume = resume
         self.dir: Path | None = None
+        self.layers: list[int] | None = None
         self.attempt = 0
         self.previously_done: set[tuple[Any, ...]] = set()
         self.records: list[dict[str, Any]] | None = None
@@ -272,6 +274,7 @@ class AttributionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()  # after the model is loaded: items/s measures attribution only
+        self.layers = getattr(pl_module, "attributed_layers", None)
 
     # -- per batch (each rank) -------------------------------------------------------------------------------
 
@@ -354,6 +357,7 @@ class AttributionWriter(BasePredictionWriter):
             "seconds": round(seconds, 3),
             "items_per_s": round(computed / seconds, 3) if seconds > 0 else None,
             "world_size": world_size,
+            "layers": self.layers,
         }
         write_lines_atomically(self.dir / SUMMARY, [json.dumps(self.summary, indent=2)])
         if not self.keep_shards:

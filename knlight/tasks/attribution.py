@@ -136,6 +136,12 @@ class AttributionModule(BaseTask):
         self.items_computed = 0
         self.items_skipped = 0
 
+    @property
+    def attributed_layers(self) -> list[int]:
+        """The attributed layers, in the order of ``residual``, ``layer_mass`` and ``scores``."""
+        layers = self.ig_options["layers"]
+        return list(range(self.lm.num_layers)) if layers is None else [int(x) for x in layers]
+
     def threshold_for(self, language: str) -> float:
         """τ for one language: its entry in ``language_thresholds``, else the global ``threshold``."""
         return self.language_thresholds.get(language, self.threshold)
