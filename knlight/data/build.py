@@ -1,7 +1,8 @@
 """Build RML-LAMA records from the real sources: ``python -m knlight.data.build <source> [options]``.
 
 One subcommand per source (``mpararel``, ``rml_precursor``, ``pararel``, ``mlama``); ``--help`` after a
-subcommand lists its options. Lists are written ``--languages [en,de,ja]``. Example::
+subcommand lists its options. Lists are written ``--languages [en,de,ja]`` or ``--languages en,de,ja``.
+Example::
 
     python -m knlight.data.build mpararel --root ../shared/data/mpararel \\
         --languages [en,zh-hans,fr,de,es,ru,ja,ko] --output data/rml_mpararel.jsonl
@@ -59,6 +60,13 @@ def build_records(
 
 def _options(**kwargs: Any) -> BuildOptions:
     return BuildOptions(**kwargs)
+
+
+def _name_list(value: list[str] | str | None) -> list[str] | None:
+    """Accepts ``[en,de]`` (parsed to a list) as well as ``en,de`` or ``en`` on the command line."""
+    if value is None or isinstance(value, list):
+        return value
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def build_mpararel(
@@ -161,8 +169,8 @@ def _write(output: str, built: tuple[list[FactRecord], dict[str, Any]]) -> None:
 def mpararel(
     root: str,
     output: str,
-    languages: list[str] | None = None,
-    relations: list[str] | None = None,
+    languages: list[str] | str | None = None,
+    relations: list[str] | str | None = None,
     max_facts_per_relation: int | None = None,
     all_languages: bool = True,
     model_kind: Literal["masked", "causal"] = "masked",
@@ -178,8 +186,8 @@ def mpararel(
     Args:
         root: mParaRel folder, e.g. ../shared/data/mpararel.
         output: Records file to write (JSONL); the manifest goes beside it.
-        languages: Language codes to keep, e.g. [en,de,ja]; default: every language with tuples.
-        relations: Relation ids to keep, e.g. [P36,P37]; default: all.
+        languages: Language codes to keep, e.g. [en,de,ja] or en,de,ja; default: every language with tuples.
+        relations: Relation ids to keep, e.g. [P36,P37] or P36,P37; default: all.
         max_facts_per_relation: Keep at most this many facts per relation (seeded choice); default: all.
         all_languages: Keep only facts present in every chosen language.
         model_kind: masked, or causal (drop templates whose [Y] comes before [X]).
@@ -193,8 +201,8 @@ def mpararel(
             fi, hu, ar in this release).
     """
     options = _options(
-        languages=languages,
-        relations=relations,
+        languages=_name_list(languages),
+        relations=_name_list(relations),
         max_facts_per_relation=max_facts_per_relation,
         all_languages=all_languages,
         model_kind=model_kind,
@@ -209,8 +217,8 @@ def mpararel(
 def rml_precursor(
     root: str,
     output: str,
-    languages: list[str] | None = None,
-    relations: list[str] | None = None,
+    languages: list[str] | str | None = None,
+    relations: list[str] | str | None = None,
     max_facts_per_relation: int | None = None,
     all_languages: bool = True,
     model_kind: Literal["masked", "causal"] = "masked",
@@ -226,8 +234,8 @@ def rml_precursor(
     Args:
         root: Precursor folder holding Aligned_my_MLAMA/, e.g. ../shared/data/rml-lama-precursor.
         output: Records file to write (JSONL); the manifest goes beside it.
-        languages: Language codes to keep, e.g. [en,fr,ja]; default: all.
-        relations: Relation ids to keep; default: all.
+        languages: Language codes to keep, e.g. [en,fr,ja] or en,fr,ja; default: all.
+        relations: Relation ids to keep, e.g. [P36,P37] or P36,P37; default: all.
         max_facts_per_relation: Keep at most this many facts per relation (seeded choice); default: all.
         all_languages: Keep only facts present in every chosen language.
         model_kind: masked, or causal (keep only queries whose slot is at the end).
@@ -239,8 +247,8 @@ def rml_precursor(
         mpararel_root: mParaRel folder, to recover subjects in the other languages.
     """
     options = _options(
-        languages=languages,
-        relations=relations,
+        languages=_name_list(languages),
+        relations=_name_list(relations),
         max_facts_per_relation=max_facts_per_relation,
         all_languages=all_languages,
         model_kind=model_kind,
@@ -255,8 +263,8 @@ def rml_precursor(
 def pararel(
     root: str,
     output: str,
-    languages: list[str] | None = None,
-    relations: list[str] | None = None,
+    languages: list[str] | str | None = None,
+    relations: list[str] | str | None = None,
     max_facts_per_relation: int | None = None,
     all_languages: bool = True,
     model_kind: Literal["masked", "causal"] = "masked",
@@ -271,7 +279,7 @@ def pararel(
         root: ParaRel folder holding data/, e.g. ../shared/data/pararel.
         output: Records file to write (JSONL); the manifest goes beside it.
         languages: Only [en] is available.
-        relations: Relation ids to keep; default: all.
+        relations: Relation ids to keep, e.g. [P36,P37] or P36,P37; default: all.
         max_facts_per_relation: Keep at most this many facts per relation (seeded choice); default: all.
         all_languages: Keep only facts present in every chosen language.
         model_kind: masked, or causal (drop templates whose [Y] comes before [X]).
@@ -281,8 +289,8 @@ def pararel(
         strict_scripts: Fail (instead of warn) when a record lacks its language's script.
     """
     options = _options(
-        languages=languages,
-        relations=relations,
+        languages=_name_list(languages),
+        relations=_name_list(relations),
         max_facts_per_relation=max_facts_per_relation,
         all_languages=all_languages,
         model_kind=model_kind,
@@ -297,8 +305,8 @@ def pararel(
 def mlama(
     root: str,
     output: str,
-    languages: list[str] | None = None,
-    relations: list[str] | None = None,
+    languages: list[str] | str | None = None,
+    relations: list[str] | str | None = None,
     max_facts_per_relation: int | None = None,
     all_languages: bool = True,
     model_kind: Literal["masked", "causal"] = "masked",
@@ -312,8 +320,8 @@ def mlama(
     Args:
         root: Folder with one subfolder per language.
         output: Records file to write (JSONL); the manifest goes beside it.
-        languages: Language codes to keep; default: all.
-        relations: Relation ids to keep; default: all.
+        languages: Language codes to keep, e.g. [en,ja] or en,ja; default: all.
+        relations: Relation ids to keep, e.g. [P36,P37] or P36,P37; default: all.
         max_facts_per_relation: Keep at most this many facts per relation (seeded choice); default: all.
         all_languages: Keep only facts present in every chosen language.
         model_kind: masked, or causal (drop templates whose [Y] comes before [X]).
@@ -323,8 +331,8 @@ def mlama(
         strict_scripts: Fail (instead of warn) when a record lacks its language's script.
     """
     options = _options(
-        languages=languages,
-        relations=relations,
+        languages=_name_list(languages),
+        relations=_name_list(relations),
         max_facts_per_relation=max_facts_per_relation,
         all_languages=all_languages,
         model_kind=model_kind,
@@ -352,7 +360,12 @@ def main(args: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        CLI(SUBCOMMANDS, args=None if args is None else list(args), as_positional=False)
+        CLI(
+            SUBCOMMANDS,
+            args=None if args is None else list(args),
+            as_positional=False,
+            prog="python -m knlight.data.build",
+        )
     except DataError as error:
         logger.error("%s", error)
         return 2

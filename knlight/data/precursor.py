@@ -38,7 +38,6 @@ from knlight.data.errors import DataError
 from knlight.data.jsonio import iter_jsonl, read_json, require_dir
 from knlight.data.pipeline import BuildOptions, BuildReport, Draft, fill_label_keys, select_names
 from knlight.data.records import SLOT
-from knlight.data.splits import stable_fraction
 
 PRECURSOR_LAYOUT = (
     '<root>/Aligned_my_MLAMA/<lang>.json with {uuid: {"sentences", "relation_name", "obj_label"}}'
@@ -222,13 +221,17 @@ def load_subject_index(
         if uuid in english:
             uuids_of_relation[relation].append(uuid)
     for relation, relation_uuids in uuids_of_relation.items():
-        ids_by_labels = {
-            (data.get("sub_label"), data.get("obj_label")): (data.get("sub_uri"), data.get("obj_uri"))
+        ids_by_labels: dict[tuple[str, str], tuple[str, str]] = {
+            (str(data.get("sub_label")), str(data.get("obj_label"))): (
+                str(data["sub_uri"]),
+                str(data["obj_uri"]),
+            )
             for data in read_tuples("en", relation)
+            if "sub_uri" in data and "obj_uri" in data
         }
         for uuid in relation_uuids:
             ids = ids_by_labels.get(english[uuid])
-            if ids and all(isinstance(value, str) for value in ids):
+            if ids is not None:
                 subject_ids[uuid], object_ids[uuid] = ids
         uuid_of_ids = {
             (subject_ids[uuid], object_ids[uuid]): uuid for uuid in relation_uuids if uuid in subject_ids
@@ -237,9 +240,9 @@ def load_subject_index(
             if language == "en":
                 continue
             for data in read_tuples(language, relation):
-                uuid = uuid_of_ids.get((data.get("sub_uri"), data.get("obj_uri")))
-                if uuid is not None and isinstance(data.get("sub_label"), str):
-                    labels[uuid, language] = data["sub_label"]
+                found = uuid_of_ids.get((str(data.get("sub_uri")), str(data.get("obj_uri"))))
+                if found is not None and isinstance(data.get("sub_label"), str):
+                    labels[found, language] = data["sub_label"]
     return SubjectIndex(labels, subject_ids, object_ids)
 
 
@@ -284,19 +287,6 @@ def read_rml_precursor(
     relations = select_names(options.relations, set(relation_of.values()), "--relations", source, "relation")
     wanted_relations = set(relations)
     wanted = {uuid: relation for uuid, relation in relation_of.items() if relation in wanted_relations}
-    if options.max_facts_per_relation is not None:
-        # Repairing every sentence is the slow part: only look at a generous seeded superset of the facts.
-        by_relation: dict[str, list[str]] = defaultdict(list)
-        for uuid, relation in wanted.items():
-            by_relation[relation].append(uuid)
-        limit = 4 * options.max_facts_per_relation + 20
-        wanted = {
-            uuid: relation
-            for relation, relation_uuids in by_relation.items()
-            for uuid in sorted(
-                relation_uuids, key=lambda uuid: stable_fraction(uuid, options.seed, "subset")
-            )[:limit]
-        }
     subjects = load_subject_index(wanted, languages, pararel_root, mpararel_root)
     if pararel_root is None:
         report.note('subjects not recovered (pass --pararel_root and --mpararel_root): subject is ""')
