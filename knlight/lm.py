@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from knlight.neurons.prompts import EncodedQuery, encode_query
+from knlight.real_models import NAMED_MODELS, model_folder
 from knlight.neurons.sites import NeuronSites, resolve_sites, spec_for
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ def load_lm(
     """Load (or wrap) a language model for knowledge-neuron work.
 
     Args:
-        model_or_name_or_path: A loaded Hugging Face LM-head model, a hub id (elsewhere; no hub here) or a local
-            folder / ``.gguf`` file.
+        model_or_name_or_path: A loaded Hugging Face LM-head model, a hub id (elsewhere; no hub here), a local
+            folder / ``.gguf`` file, a named packaged model (``"gemma3-270m"``, see :mod:`knlight.real_models`)
+            or ``"tiny:<model_type>"`` (a tiny random model, see :mod:`knlight.tiny`).
         tokenizer: Tokenizer, or where to load it from (default: same as the model).
         dtype: Weight/compute dtype (``"float32"`` default, ``"bf16"``, ``"fp16"``).
         device: Where to put the model (default: leave it where it is / CPU).
@@ -114,6 +116,8 @@ def load_lm(
     torch_dtype = parse_dtype(dtype)
     if isinstance(model_or_name_or_path, str) and model_or_name_or_path.startswith("tiny:"):
         return _load_tiny(model_or_name_or_path, torch_dtype)
+    if isinstance(model_or_name_or_path, str) and model_or_name_or_path in NAMED_MODELS:
+        model_or_name_or_path = model_folder(model_or_name_or_path)
     if isinstance(model_or_name_or_path, PreTrainedModel):
         model = model_or_name_or_path
         if tokenizer is None:
