@@ -25,6 +25,13 @@ def model_kind_of(task: Any) -> str | None:
     return getattr(task, "model_kind", None)
 
 
+DESCRIPTION = (
+    "knlight: find, test and use knowledge neurons in multilingual language models. Run a subcommand with "
+    "a config, e.g. `knlight predict --config configs/tiny/localize.yaml`; `knlight predict --help` lists "
+    "every option."
+)
+
+
 class KnlightSaveConfig(SaveConfigCallback):
     """Saves ``config.yaml`` in the log dir (LightningCLI's default) and adds it as text to TensorBoard."""
 
@@ -50,24 +57,24 @@ class KnlightCLI(LightningCLI):
         )
 
 
-def main(args: ArgsType = None) -> KnlightCLI:
+def main(args: ArgsType = None) -> None:
     """Runs the ``knlight`` command line.
 
     Args:
         args: Command-line arguments (default ``sys.argv[1:]``), e.g.
             ``["predict", "--config", "configs/tiny/localize.yaml"]``.
-
-    Returns:
-        The CLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return KnlightCLI(
+    KnlightCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=KnlightSaveConfig,
         save_config_kwargs={"overwrite": True},
+        # Attribution and editing need autograd; inference_mode tensors cannot be differentiated.
+        trainer_defaults={"inference_mode": False},
+        parser_kwargs={"description": DESCRIPTION},
         seed_everything_default=0,
         args=args,
     )

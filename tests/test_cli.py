@@ -144,7 +144,7 @@ def test_other_runtime_errors_are_not_retried(
 
 
 def test_masked_model_gets_model_kind_through_the_link(tmp_path: Path, tiny_args: Callable) -> None:
-    cli = main(
+    main(
         [
             *tiny_args(tmp_path),
             "--model.init_args.model",
@@ -153,7 +153,8 @@ def test_masked_model_gets_model_kind_through_the_link(tmp_path: Path, tiny_args
             "[zh-hans]",
         ]
     )
-    assert cli.datamodule.model_kind == "masked"  # computed from the model, not configured
+    (hparams,) = (tmp_path / "runs" / "tiny-localize").glob("version_*/hparams.yaml")
+    assert "model_kind: masked" in hparams.read_text("utf-8").splitlines()  # computed from the model
     out = tmp_path / "runs" / "tiny-localize" / "attributions" / "attributions.jsonl"
     queries = [json.loads(line)["query"] for line in out.read_text("utf-8").splitlines()]
     assert len(queries) == 4 and any(q.startswith("[Y]") for q in queries)  # a causal model would drop those

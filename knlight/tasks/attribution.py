@@ -262,4 +262,6 @@ class AttributionModule(BaseTask):
 
     def fingerprint(self) -> dict[str, Any]:
         """Hyperparameters that determine the results (memory/batching knobs excluded)."""
-        return {k: v for k, v in self.hparams.items() if k not in ("chunk_rows", "micro_batch_size")}
+        # "_instantiator" and friends are LightningCLI bookkeeping, not settings.
+        skip = ("chunk_rows", "micro_batch_size")
+        return {k: v for k, v in self.hparams.items() if k not in skip and not k.startswith("_")}

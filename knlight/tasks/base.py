@@ -116,4 +116,4 @@ class BaseTask(pl.LightningModule):
 
     def fingerprint(self) -> dict[str, Any]:
         """The hyperparameters that determine this task's results (used to refuse mixing runs on resume)."""
-        return dict(self.hparams)
+        return {k: v for k, v in self.hparams.items() if not k.startswith("_")}
