@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "rml_small.jsonl"
@@ -28,3 +29,13 @@ def small_overrides(root: Path) -> list[str]:
 def tiny_args() -> Callable[[Path], list[str]]:
     """``tiny_args(root)``: the predict command line of the tiny config, small and writing under ``root``."""
     return lambda root: ["predict", "--config", str(TINY_CONFIG), *small_overrides(root)]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread for a test module: tiny models get no speed-up from more threads, and on a busy
+    shared CPU extra threads slow them down many times over (measured: ~15x on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

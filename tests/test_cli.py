@@ -16,6 +16,8 @@ from knlight.data.errors import DataError
 from knlight.neurons.prompts import QueryError
 from knlight.tasks import AttributionModule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def item(query: str, answer: str = "Paris", query_id: int = 0, uuid: str = "P36:Q142:Q90") -> dict:
     return {"uuid": uuid, "language": "en", "relation": "P36", "query_id": query_id, "query": query,

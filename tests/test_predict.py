@@ -15,6 +15,8 @@ from knlight import attribute_batch, load_lm
 from knlight.cli import main
 from knlight.data.datamodule import RMLLamaDataModule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURE = Path(__file__).parent / "fixtures" / "rml_small.jsonl"
 OUT = Path("runs", "tiny-localize", "attributions")
 
@@ -28,7 +30,9 @@ def summary(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_args: Callable[[Path], list[str]]) -> Path:
+def finished(
+    one_thread: None, tmp_path_factory: pytest.TempPathFactory, tiny_args: Callable[[Path], list[str]]
+) -> Path:
     """One uninterrupted run of the tiny config (shared by the tests of this file)."""
     root = tmp_path_factory.mktemp("finished")
     main(tiny_args(root))

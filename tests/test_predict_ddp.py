@@ -9,20 +9,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from knlight.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OUT = Path("runs", "tiny-localize", "attributions")
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path: Path, tiny_args: Callable[[Path], list[str]]) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each DDP worker below: same kernels, same bits
-    try:
-        main(tiny_args(tmp_path / "single"))
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == 1  # as each DDP worker below: same kernels, same bits
+    main(tiny_args(tmp_path / "single"))
 
     ddp = tmp_path / "ddp"
     args = [*tiny_args(ddp), "--trainer.devices", "2", "--trainer.strategy", "ddp",
