@@ -76,6 +76,11 @@ def test_answer_that_tokenises_to_nothing_names_the_item() -> None:
         task.predict_step([item("The capital of France is [Y].", answer="\u200b")])
 
 
+def test_out_of_range_threshold_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"threshold for 'zh-hans' must be in \[0, 1\].*got 2"):
+        AttributionModule("tiny:gpt2", language_thresholds={"en": 0.3, "zh-hans": 2.0})
+
+
 def test_predict_under_inference_mode_says_how_to_fix(gpt2_task: AttributionModule) -> None:
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"trainer\.inference_mode: false"):
         gpt2_task.predict_step([item("The capital of France is [Y].")])

@@ -114,6 +114,9 @@ class AttributionModule(BaseTask):
         super().__init__(model, tokenizer, dtype, gguf_file)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or null (whole batch), got {micro_batch_size}")
+        for name, tau in {"threshold": threshold, **(language_thresholds or {})}.items():
+            if not 0.0 <= tau <= 1.0:
+                raise ValueError(f"threshold for {name!r} must be in [0, 1] (fraction of the max), got {tau}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or null (no cap), got {top_k}")
         self.save_hyperparameters()
