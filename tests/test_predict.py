@@ -164,3 +164,11 @@ def test_save_scores_top_k(tmp_path: Path, tiny_args: Callable[[Path], list[str]
             assert index.shape == (3, 2) and torch.all(score[:-1] >= score[1:])
             top = r["neurons"][0]
             assert index[0].tolist() == top[:2] and float(score[0]) == pytest.approx(top[2], rel=1e-6)
+
+
+def test_corrupt_shard_is_reported(tmp_path: Path, tiny_args: Callable[[Path], list[str]]) -> None:
+    shard = tmp_path / OUT / "shards" / "a001-r0000-b000000000.jsonl"
+    shard.parent.mkdir(parents=True)
+    shard.write_text('{"uuid": "P36:Q23169:Q34217", "lang\n', "utf-8")
+    with pytest.raises(RuntimeError, match=r"cannot resume from .*attributions: JSONDecodeError"):
+        main(tiny_args(tmp_path))

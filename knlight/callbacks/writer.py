@@ -188,6 +188,12 @@ class AttributionWriter(BasePredictionWriter):
         assert self.dir is not None
         return self.dir / "shards"
 
+    @staticmethod
+    def _attempt_of(shard: Path) -> int:
+        match = _SHARD.match(shard.name)
+        assert match is not None
+        return int(match[1])
+
     def shards(self) -> list[Path]:
         """Existing JSONL shards, in name order."""
         if not self.shard_dir.is_dir():
@@ -211,10 +217,14 @@ class AttributionWriter(BasePredictionWriter):
         self.dir = Path(strategy.broadcast(str(self.resolve_dir(trainer))))
         problem, attempt, done = None, 0, set()
         if trainer.is_global_zero:
-            problem = self._check_run(pl_module)
-            if problem is None:
-                attempt = 1 + max((int(_SHARD.match(p.name)[1]) for p in self.shards()), default=0)  # type: ignore[index]
-                done = self._done_keys()
+            # Any failure here must reach every rank (through the broadcast), or the others would hang.
+            try:
+                problem = self._check_run(pl_module)
+                if problem is None:
+                    attempt = 1 + max((self._attempt_of(p) for p in self.shards()), default=0)
+                    done = self._done_keys()
+            except (OSError, ValueError) as error:
+                problem = f"cannot resume from {self.dir}: {type(error).__name__}: {error}"
         problem = strategy.broadcast(problem)
         if problem is not None:
             raise RuntimeError(problem)
@@ -340,7 +350,7 @@ class AttributionWriter(BasePredictionWriter):
             for line in read_lines(shard):
                 key = line_key(line)
                 seen.setdefault(key, line)  # DDP may process an item twice: keep one copy
-                if _SHARD.match(shard.name)[1] == f"{self.attempt:03d}":  # type: ignore[index]
+                if self._attempt_of(shard) == self.attempt:
                     new_keys.add(key)
         order = sorted(seen)
         write_lines_atomically(self.dir / MERGED, (seen[k] for k in order))
