@@ -1,0 +1,225 @@
+"""NeuronEdit on every tiny architecture: only chosen slices move, bitwise revert, files, errors, algebra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from knlight import load_lm
+from knlight.lm import LanguageModel
+from knlight.neurons.edits import (
+    NeuronEdit,
+    NeuronEditError,
+    direct_edit,
+    model_layout,
+    output_columns,
+    scale_edit,
+)
+from knlight.neurons.hooks import edit_activations
+from knlight.tiny import ARCHITECTURES, tiny_model_and_tokenizer
+
+NEURONS = [(0, 3), (0, 17), (2, 5), (2, 40)]
+QUERIES = [("The capital of France is [Y].", "Paris"), ("Die Hauptstadt von Japan ist [Y].", "Tokio")]
+
+
+def batch(lm: LanguageModel) -> tuple[torch.Tensor, torch.Tensor, list]:
+    encoded = [lm.encode(q, a) for q, a in QUERIES]
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), lm.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(encoded):
+        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[r, : len(e.input_ids)] = 1
+    return ids, mask, encoded
+
+
+def logits(lm: LanguageModel) -> torch.Tensor:
+    ids, mask, _ = batch(lm)
+    with torch.no_grad():
+        return lm.model(input_ids=ids, attention_mask=mask).logits
+
+
+def nll(lm: LanguageModel) -> torch.Tensor:
+    ids, mask, encoded = batch(lm)
+    log_probs = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits, -1)
+    return -sum(log_probs[r, p, t] for r, e in enumerate(encoded) for p, t in e.targets)
+
+
+def neuron_mask(
+    name: str, shape: torch.Size, lm: LanguageModel, neurons: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Where an edit of ``neurons`` may change parameter ``name`` (True = inside a neuron's slice)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    named = dict(lm.model.named_parameters())
+    conv1d = lm.sites.spec.conv1d
+    for layer, index in neurons:
+        for proj in lm.sites.in_projs[layer]:
+            if named[name] is proj.weight:
+                mask[(slice(None), index) if conv1d else (index,)] = True
+            if getattr(proj, "bias", None) is not None and named[name] is proj.bias:
+                mask[index] = True
+        if named[name] is lm.sites.out_projs[layer].weight:
+            mask[(index,) if conv1d else (slice(None), index)] = True
+    return mask
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_training_moves_only_the_selected_slices_and_remove_restores_bitwise(arch: str) -> None:
+    lm = load_lm(f"tiny:{arch}")
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    clean = logits(lm)
+    edit = NeuronEdit.for_model(lm, NEURONS).apply(lm)
+    assert [p.shape for p in edit.parameters()] == [
+        (len(lm.sites.in_projs[0]), 4, model_layout(lm).d_model),
+        *([(len(lm.sites.in_projs[0]), 4)] if model_layout(lm).in_bias else []),
+        (4, model_layout(lm).d_model),
+    ]
+    optimizer = torch.optim.Adam(edit.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nll(lm).backward()
+        optimizer.step()
+    assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())  # base never written
+    assert all(p.grad is None for p in lm.model.parameters())
+    edited = logits(lm)
+    assert not torch.allclose(edited, clean)
+
+    merged = edit.merged_weights(lm)
+    changed_somewhere = False
+    for name, weight in lm.model.named_parameters():
+        allowed = neuron_mask(name, weight.shape, lm, NEURONS)
+        differs = merged[name] != weight
+        assert not (differs & ~allowed).any(), f"{arch}: {name} changed outside the neurons' slices"
+        changed_somewhere |= bool(differs.any())
+    assert changed_somewhere
+    # Every kind of slice moved: input rows of each projection (+ bias) and output columns.
+    assert edit.in_weight.abs().amin(dim=-1).gt(0).all() and edit.out_weight.abs().amin(dim=-1).gt(0).all()
+
+    edit.remove()
+    assert torch.equal(logits(lm), clean)
+    with edit.applied(lm), edit.disabled():
+        assert torch.equal(logits(lm), clean)
+
+    edit.merge(lm)
+    assert not edit.attached
+    torch.testing.assert_close(logits(lm), edited, rtol=1e-4, atol=1e-5)
+    for name, weight in lm.model.named_parameters():
+        assert torch.equal(weight, merged[name])
+    edit.unmerge()
+    assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())
+    assert torch.equal(logits(lm), clean)
+
+
+def test_save_load_round_trip_onto_a_fresh_model(arch: str, tmp_path: Path) -> None:
+    lm = load_lm(f"tiny:{arch}")
+    edit = NeuronEdit.for_model(lm, NEURONS, {"model": f"tiny:{arch}"})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in edit.parameters():
+            p.normal_(0, 0.3)
+    with edit.applied(lm):
+        expected = logits(lm)
+    path = edit.save(tmp_path / "edit.safetensors", method="test", facts=["P36:a:b"])
+    assert path.stat().st_size < 20_000
+
+    fresh = load_lm(f"tiny:{arch}")
+    loaded = NeuronEdit.load(path, fresh)
+    assert loaded.neurons == edit.neurons
+    assert loaded.metadata["model"] == f"tiny:{arch}" and loaded.metadata["facts"] == ["P36:a:b"]
+    assert loaded.metadata["method"] == "test" and loaded.metadata["date"]
+    with loaded.applied(fresh):
+        assert torch.equal(logits(fresh), expected)
+
+
+def test_out_of_range_neurons_and_other_models_are_refused(tmp_path: Path) -> None:
+    lm = load_lm("tiny:gpt2")  # 3 layers × 64 neurons
+    with pytest.raises(
+        NeuronEditError, match=r"neuron \(layer=3, index=0\) is outside this model \(3 layers"
+    ):
+        NeuronEdit.for_model(lm, [(3, 0)])
+    with pytest.raises(NeuronEditError, match=r"index=64\) is outside"):
+        NeuronEdit.for_model(lm, [(0, 64)])
+    with pytest.raises(NeuronEditError, match="empty"):
+        NeuronEdit.for_model(lm, [])
+    path = NeuronEdit.for_model(lm, [(1, 50)]).save(tmp_path / "e.safetensors")
+    narrow, tokenizer = tiny_model_and_tokenizer("gpt2", ff=32)
+    with pytest.raises(NeuronEditError, match=r"index=50\) is outside this model \(3 layers × 32"):
+        NeuronEdit.load(path, LanguageModel(narrow, tokenizer))
+    small_ok = NeuronEdit.for_model(lm, [(1, 5)]).save(tmp_path / "ok.safetensors")
+    with pytest.raises(NeuronEditError, match="d_ff: edit 64 vs model 32"):
+        NeuronEdit.load(small_ok, LanguageModel(narrow, tokenizer))
+    with pytest.raises(NeuronEditError, match="no such edit file"):
+        NeuronEdit.load(tmp_path / "missing.safetensors")
+    edit = NeuronEdit.for_model(lm, [(1, 5)]).apply(lm)
+    with pytest.raises(NeuronEditError, match="attached already"):
+        edit.apply(lm)
+
+
+def test_output_column_delta_changes_the_ffn_output_by_delta_times_h(arch: str) -> None:
+    lm = load_lm(f"tiny:{arch}")
+    layer, n = 2, 5
+    out_proj = lm.sites.out_projs[layer]
+    seen: dict[str, torch.Tensor] = {}
+    handle = out_proj.register_forward_hook(lambda m, a, o: seen.update(h=a[0].detach(), out=o.detach()))
+    try:
+        logits(lm)
+        h = seen["h"]
+        base = out_proj(h)
+        edit = NeuronEdit.for_model(lm, [(layer, n)])
+        delta = torch.randn(model_layout(lm).d_model, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            edit.out_weight[0] = delta
+        with edit.applied(lm):
+            edited = out_proj(h)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(edited - base, h[..., n : n + 1] * delta, rtol=1e-5, atol=1e-6)
+
+
+def test_input_row_delta_equals_the_weight_delta() -> None:
+    lm = load_lm("tiny:llama")  # gated: the delta goes into gate and up rows
+    edit = NeuronEdit.for_model(lm, [(1, 9)])
+    with torch.no_grad():
+        edit.in_weight.normal_(0, 0.5)
+    gate, up = lm.sites.in_projs[1]
+    x = torch.randn(2, 3, model_layout(lm).d_model)
+    with edit.applied(lm):
+        hooked = gate(x), up(x)
+    for proj, out, j in zip((gate, up), hooked, range(2)):
+        weight = proj.weight.detach().clone()
+        weight[9] += edit.in_weight[j, 0].detach()
+        torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_edit_equals_scaling_the_activation_everywhere(arch: str) -> None:
+    lm = load_lm(f"tiny:{arch}")
+    for factor in (0.0, 2.0):
+        with scale_edit(lm, NEURONS[:2], factor).applied(lm):
+            by_weight = logits(lm)
+
+        def scale(h: torch.Tensor, factor: float = factor) -> torch.Tensor:
+            h = h.clone()
+            h[..., [3, 17]] *= factor
+            return h
+
+        with edit_activations(lm.sites.out_projs[0], scale):
+            by_activation = logits(lm)
+        torch.testing.assert_close(by_weight, by_activation, rtol=1e-4, atol=1e-5)
+
+
+def test_direct_edit_is_dai_update_of_output_columns() -> None:
+    lm = load_lm("tiny:bert")
+    neurons = [(2, 1), (2, 4)]
+    edit = direct_edit(lm, [(neurons, 10, 20), ([(2, 4)], 30, 40)], lambda_old=1.0, lambda_new=8.0)
+    table = lm.model.get_output_embeddings().weight.detach()
+    torch.testing.assert_close(edit.out_weight[0], 8 * table[10] - table[20])
+    torch.testing.assert_close(edit.out_weight[1], 8 * table[10] - table[20] + 8 * table[30] - table[40])
+    assert edit.in_weight.abs().sum() == 0
+    assert edit.metadata["method"] == "direct"
+    assert output_columns(lm, neurons).shape == (2, model_layout(lm).d_model)
