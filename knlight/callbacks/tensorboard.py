@@ -46,13 +46,13 @@ def heatmap_figure(counts: np.ndarray, languages: list[str], items_per_language:
     import matplotlib.pyplot as plt
 
     per_item = counts / np.maximum([items_per_language.get(lang, 1) for lang in languages], 1)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(languages), 1.2 + 0.35 * counts.shape[0]))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(languages), 1.8 + 0.35 * counts.shape[0]))
     image = ax.imshow(per_item, aspect="auto", origin="lower", cmap="viridis")
     ax.set_xticks(range(len(languages)), languages)
     ax.set_yticks(range(counts.shape[0]))
     ax.set_xlabel("language")
     ax.set_ylabel("layer")
-    ax.set_title("selected neurons per item")
+    ax.set_title("selected neurons: per item (colour), total (numbers)", fontsize=9)
     if counts.size <= 400:
         for (layer, j), total in np.ndenumerate(counts):
             ax.text(j, layer, str(total), ha="center", va="center", color="w", fontsize=7)
