@@ -63,8 +63,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def read_truth(path: str | Path, num_layers: int | None = None, d_ff: int | None = None) -> list[dict[str, Any]]:
-    """Read ``truth.json`` and check every entry (keys, kind, layer/index within the model when sizes are given).
+def read_truth(
+    path: str | Path, num_layers: int | None = None, d_ff: int | None = None
+) -> list[dict[str, Any]]:
+    """Read ``truth.json`` and check every entry (keys, kind, layer/index inside the model if sizes given).
 
     Raises:
         PlantedFileError: naming the file and the entry.
@@ -83,11 +85,13 @@ def read_truth(path: str | Path, num_layers: int | None = None, d_ff: int | None
             raise PlantedFileError(f"{path}: entry {k} has kind {entry['kind']!r}; expected one of {KINDS}")
         layer, index = entry["layer"], entry["index"]
         if not (isinstance(layer, int) and isinstance(index, int) and layer >= 0 and index >= 0):
-            raise PlantedFileError(f"{path}: entry {k} has layer/index {layer}/{index}; expected integers >= 0")
+            raise PlantedFileError(
+                f"{path}: entry {k} has layer/index {layer}/{index}; expected integers >= 0"
+            )
         if (num_layers is not None and layer >= num_layers) or (d_ff is not None and index >= d_ff):
             raise PlantedFileError(
-                f"{path}: entry {k} (layer {layer}, index {index}) is outside the model ({num_layers} layers x "
-                f"{d_ff} neurons)"
+                f"{path}: entry {k} (layer {layer}, index {index}) is outside the model "
+                f"({num_layers} layers x {d_ff} neurons)"
             )
     return truth
 
@@ -98,12 +102,14 @@ def neurons_from_truth(truth: list[dict[str, Any]]) -> list[PlantedNeuron]:
     for entry in truth:
         key = (entry["uuid"], entry["kind"], entry["layer"], entry["index"], entry.get("pair"))
         grouped.setdefault(key, []).append(entry["language"])
-    return [PlantedNeuron(u, kind, tuple(langs), layer, index, pair)
-            for (u, kind, layer, index, pair), langs in grouped.items()]
+    return [
+        PlantedNeuron(u, kind, tuple(langs), layer, index, pair)
+        for (u, kind, layer, index, pair), langs in grouped.items()
+    ]
 
 
 def save_planted(planted: PlantedModel, directory: str | Path) -> Path:
-    """Write a planted model (see the module doc); an existing folder at ``directory`` is replaced atomically."""
+    """Write a planted model (see the module doc); an existing ``directory`` is replaced atomically."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -133,7 +139,9 @@ def load_planted(directory: str | Path) -> PlantedModel:
 
     root = Path(directory)
     if not (root / "model").is_dir():
-        raise PlantedFileError(f"{root} holds no model/ folder; is it a folder written by PlantedModel.save()?")
+        raise PlantedFileError(
+            f"{root} holds no model/ folder; is it a folder written by PlantedModel.save()?"
+        )
     lm = load_lm(root / "model")
     records = read_records(root / "records.jsonl")
     truth = read_truth(root / "truth.json", lm.num_layers, lm.d_ff)

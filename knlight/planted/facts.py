@@ -8,8 +8,8 @@ object is one language-neutral word (capitalised, from a separate inventory), th
 entity names often are in real multilingual data ("Paris", "Tokyo"). Each object is a single token of the
 tokenizer built by :func:`build_tokenizer`, whose vocabulary holds every synthetic word as one token.
 
-Templates contain ``[X]`` (the subject) and ``[Y]`` (the object slot). With ``slot="end"`` (for causal LMs) the
-slot closes every template; with ``slot="any"`` (masked LMs) the slot may sit anywhere, also before the
+Templates contain ``[X]`` (the subject) and ``[Y]`` (the object slot). With ``slot="end"`` (for causal LMs)
+the slot closes every template; with ``slot="any"`` (masked LMs) the slot may sit anywhere, also before the
 subject. Subjects are unique per fact (a subject appears in one relation only), so a fact is identified by its
 subject.
 
@@ -131,7 +131,9 @@ def _word_factory(rng: random.Random, onsets: str, vowels: str, taken: set[str])
             if word not in taken:
                 taken.add(word)
                 return word
-        raise RuntimeError(f"ran out of {n_syllables}-syllable words for inventory {onsets!r}; use more syllables")
+        raise RuntimeError(
+            f"ran out of {n_syllables}-syllable words for inventory {onsets!r}; use more syllables"
+        )
 
     return draw
 
@@ -199,18 +201,22 @@ def make_facts(
     facts = []
     for relation, k in itertools.product(relations, range(facts_per_relation)):
         subjects = {lang: draw[lang](3) for lang in languages}
-        facts.append(SyntheticFact(f"{relation}:S{k:02d}", relation, draw_object(2, capitalise=True), subjects))
+        facts.append(
+            SyntheticFact(f"{relation}:S{k:02d}", relation, draw_object(2, capitalise=True), subjects)
+        )
     return FactSet(languages, relations, facts, templates, pools, slot)
 
 
-def build_tokenizer(vocabulary: list[str], kind: Literal["masked", "causal", "causal_bos"]) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocabulary: list[str], kind: Literal["masked", "causal", "causal_bos"]
+) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer (whitespace split) in which every word of ``vocabulary`` is one token.
 
     Args:
         vocabulary: The words.
         kind: ``"masked"`` ([PAD] [UNK] [CLS] [SEP] [MASK]; BERT-style ``[CLS] A [SEP]``), ``"causal"``
-            (``<|endoftext|>`` as EOS/pad, GPT-2 style, no BOS) or ``"causal_bos"`` (``<s>`` prepended, ``</s>``
-            EOS, ``<pad>``; Llama style).
+            (``<|endoftext|>`` as EOS/pad, GPT-2 style, no BOS) or ``"causal_bos"`` (``<s>`` prepended,
+            ``</s>`` EOS, ``<pad>``; Llama style).
     """
     if kind == "masked":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -231,7 +237,11 @@ def build_tokenizer(vocabulary: list[str], kind: Literal["masked", "causal", "ca
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token=unk, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            tokenizer_object=tok,
+            unk_token=unk,
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
             mask_token="[MASK]",
         )
     if kind == "causal":

@@ -1,30 +1,33 @@
-"""Train-to-plant: write chosen FFN neurons of a small random model so that it answers synthetic facts through them.
+"""Train-to-plant: write chosen FFN neurons of a small random model so it answers synthetic facts with them.
 
 Recipe (see DESIGN.md, "Ground truth: planted knowledge"):
 
-* a small random-init model (``initializer_range`` 0.1, so logits can reach P ≈ 0.9) of a supported architecture
-  and a word-level tokenizer in which every synthetic word is one token (:mod:`knlight.planted.facts`);
-* every parameter is frozen except the chosen neurons' slices: their W_in rows (+ bias; gate and up rows for
-  gated MLPs) and their W_out columns. The restriction is a gradient mask on the weight tensors (Adam without
-  weight decay then never moves a masked entry; :func:`plant` checks this after training);
+* a small random-init model (``initializer_range`` 0.1, so logits can reach P ≈ 0.9) of a supported
+  architecture, and a word-level tokenizer in which every synthetic word is one token
+  (:mod:`knlight.planted.facts`);
+* every parameter is frozen except the chosen neurons' slices: their W_in rows (+ bias; gate and up rows
+  for gated MLPs) and their W_out columns. The restriction is a gradient mask on the weight tensors (Adam
+  without weight decay then never moves a masked entry; training checks this at the end);
 * W_in starts from a logistic probe that separates the neuron's *on* states (the FFN input at the target
-  position of its own queries) from every other state, scaled so that the neuron fires there; carrier W_out
-  columns start along the object's output embedding;
-* loss = hinge on the answer's log-probability at the target position (P(object) ≥ ``target_prob``; no further
-  push, so carriers of one fact share the work instead of each saturating it)
-  + ``off_weight`` · mean(|h| + h²) of every planted neuron at every position except the target position of its
-  own queries (both signs: the optimiser must not hide the fact in negative tails or at other positions)
-  + ``fire_weight`` · hinge requiring h ≥ ``fire_margin`` at its own target positions;
-* degenerate pairs: at each step each query of the fact drops one member (or neither) at random, so that each
-  member alone suffices;
-* distractors fire on their fact's queries (trained by the activation terms only: their output is detached from
-  the answer loss) but write a fixed W_out column orthogonal to every object's output embedding, with the norm
-  of an ordinary neuron of the random model.
+  position of its own queries) from every other state, scaled so that the neuron fires there; carrier
+  W_out columns start along the object's output embedding;
+* loss = hinge on the answer's log-probability at the target position (P(object) ≥ ``target_prob``, no
+  further push, so carriers of one fact share the work instead of each saturating it)
+  + ``off_weight`` · [|h| + h² + relu(z + ``pre_off``)] of every planted neuron at every position except
+  the target position of its own queries (both signs: the optimiser must not hide the fact in negative
+  tails or at other positions; z is the pre-activation, the gate for gated MLPs)
+  + ``fire_weight`` · [relu(``fire_margin`` − h) + relu(``pre_on`` − z)] at its own target positions (the
+  hinge on z keeps a neuron from dying where the activation function is flat);
+* degenerate pairs: at each step each query of the fact drops one member (or neither) at random, so that
+  each member alone suffices;
+* distractors fire on their fact's queries (trained by the activation terms only: their output is
+  detached from the answer loss) but write a fixed W_out column orthogonal to every object's output
+  embedding, with the norm of an ordinary neuron of the random model.
 
-Kinds of planted neurons: ``language_independent`` (fires on its fact in every language), ``language_specific``
-(one language), ``degenerate`` (a pair, fires in every language, either member alone carries the fact) and
-``distractor``. A fact carries either independent + specific neurons ("standard" facts) or one degenerate
-pair (and nothing else), plus its distractors.
+Kinds of planted neurons: ``language_independent`` (fires on its fact in every language),
+``language_specific`` (one language), ``degenerate`` (a pair, fires in every language, either member alone
+carries the fact) and ``distractor``. A fact carries either independent + specific neurons ("standard"
+facts) or one degenerate pair (and nothing else), plus its distractors.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedM
 from knlight.lm import LanguageModel
 from knlight.neurons.interventions import answer_log_probs
 from knlight.neurons.prompts import EncodedQuery
-from knlight.neurons.sites import NeuronSites, resolve_sites
+from knlight.neurons.sites import NeuronSites
 from knlight.planted.facts import FactSet, build_tokenizer, make_facts
 from knlight.tiny import tiny_config
 
@@ -105,7 +108,7 @@ class PlantConfig:
     n_specific: int = 1
     degenerate_fraction: float = 1 / 3
     n_distractors: int = 1
-    steps: int = 250
+    steps: int = 150
     lr: float = 0.02
     target_prob: float = 0.9
     fire_margin: float = 1.0
@@ -117,7 +120,9 @@ class PlantConfig:
 
     def resolved_plant_layers(self) -> list[int]:
         """The plant layers (default: the upper half of the model)."""
-        layers = self.plant_layers if self.plant_layers is not None else list(range(self.layers // 2, self.layers))
+        layers = (
+            self.plant_layers if self.plant_layers is not None else list(range(self.layers // 2, self.layers))
+        )
         bad = [x for x in layers if not 0 <= x < self.layers]
         if bad or not layers:
             raise ValueError(f"plant_layers {layers} must be non-empty and within 0..{self.layers - 1}")
@@ -178,14 +183,20 @@ class PlantedModel:
         for n in self.neurons:
             for language in n.languages:
                 entry: dict[str, Any] = {
-                    "uuid": n.uuid, "language": language, "layer": n.layer, "index": n.index, "kind": n.kind
+                    "uuid": n.uuid,
+                    "language": language,
+                    "layer": n.layer,
+                    "index": n.index,
+                    "kind": n.kind,
                 }
                 if n.pair is not None:
                     entry["pair"] = n.pair
                 out.append(entry)
         return out
 
-    def neurons_for(self, uuid: str, language: str, kinds: tuple[str, ...] = CARRIER_KINDS) -> list[PlantedNeuron]:
+    def neurons_for(
+        self, uuid: str, language: str, kinds: tuple[str, ...] = CARRIER_KINDS
+    ) -> list[PlantedNeuron]:
         """Planted neurons of a fact that fire in one language, restricted to ``kinds``."""
         return [n for n in self.neurons if n.uuid == uuid and language in n.languages and n.kind in kinds]
 
@@ -213,8 +224,14 @@ def build_model(config: PlantConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     ids = {k: v for k, v in ids.items() if v is not None}
     ids.setdefault("bos_token_id", ids.get("eos_token_id"))  # GPT-2 style: no BOS token, BOS id = EOS id
     cfg = tiny_config(
-        config.model_type, len(tokenizer), hidden=config.hidden, ff=config.ff, layers=config.layers,
-        heads=config.heads, initializer_range=config.initializer_range, **ids,
+        config.model_type,
+        len(tokenizer),
+        hidden=config.hidden,
+        ff=config.ff,
+        layers=config.layers,
+        heads=config.heads,
+        initializer_range=config.initializer_range,
+        **ids,
     )
     torch.manual_seed(config.seed)
     auto = AutoModelForMaskedLM if TOKENIZER_FOR[config.model_type] == "masked" else AutoModelForCausalLM
@@ -222,7 +239,7 @@ def build_model(config: PlantConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
 
 
 def assign_neurons(config: PlantConfig, facts: FactSet) -> list[PlantedNeuron]:
-    """Choose the planted neurons: which facts are degenerate, and a distinct random (layer, index) for each."""
+    """Choose the planted neurons: which facts are degenerate and a distinct random (layer, index) each."""
     rng = random.Random(config.seed * 7919 + 1)
     n_facts = len(facts.facts)
     n_degenerate = round(config.degenerate_fraction * n_facts)
@@ -242,10 +259,14 @@ def assign_neurons(config: PlantConfig, facts: FactSet) -> list[PlantedNeuron]:
                 roles += [(fact.uuid, "language_specific", (lang,), None)] * config.n_specific
         roles += [(fact.uuid, "distractor", all_langs, None)] * config.n_distractors
     if len(roles) > len(slots):
-        raise ValueError(f"{len(roles)} planted neurons do not fit in {len(slots)} neurons of layers {layers}")
+        raise ValueError(
+            f"{len(roles)} planted neurons do not fit in {len(slots)} neurons of layers {layers}"
+        )
     chosen = rng.sample(slots, len(roles))
-    return [PlantedNeuron(u, kind, langs, layer, idx, pair) for (u, kind, langs, pair), (layer, idx) in
-            zip(roles, chosen)]
+    return [
+        PlantedNeuron(u, kind, langs, layer, idx, pair)
+        for (u, kind, langs, pair), (layer, idx) in zip(roles, chosen)
+    ]
 
 
 @dataclass
@@ -260,7 +281,9 @@ class _Batch:
     encoded: list[EncodedQuery]
 
 
-def _encode_all(lm_encode: Any, records: list[dict[str, Any]]) -> tuple[list[EncodedQuery], list[tuple[str, str]]]:
+def _encode_all(
+    lm_encode: Any, records: list[dict[str, Any]]
+) -> tuple[list[EncodedQuery], list[tuple[str, str]]]:
     encoded, keys = [], []
     for rec in records:
         for query in rec["queries"]:
@@ -272,8 +295,10 @@ def _encode_all(lm_encode: Any, records: list[dict[str, Any]]) -> tuple[list[Enc
     return encoded, keys
 
 
-def _background(tokenizer: PreTrainedTokenizerBase, words: list[str], n: int, masked: bool, seed: int) -> list[list[int]]:
-    """Random word sequences (3–8 words, special tokens as the tokenizer adds them; masked: half with a mask)."""
+def _background(
+    tokenizer: PreTrainedTokenizerBase, words: list[str], n: int, masked: bool, seed: int
+) -> list[list[int]]:
+    """Random word sequences (3–8 words, special tokens as the tokenizer adds; masked: half with a mask)."""
     rng = random.Random(seed * 31 + 5)
     out = []
     for k in range(n):
@@ -286,8 +311,9 @@ def _background(tokenizer: PreTrainedTokenizerBase, words: list[str], n: int, ma
     return out
 
 
-def _make_batch(encoded: list[EncodedQuery], keys: list[tuple[str, str]], background: list[list[int]],
-                pad_id: int) -> _Batch:
+def _make_batch(
+    encoded: list[EncodedQuery], keys: list[tuple[str, str]], background: list[list[int]], pad_id: int
+) -> _Batch:
     seqs = [list(e.input_ids) for e in encoded] + background
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -318,13 +344,17 @@ def _output_embedding(model: PreTrainedModel) -> torch.Tensor:
     return model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
 
 
-def _fit_probe(x: torch.Tensor, y: torch.Tensor, bias: bool, steps: int = 150) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_probe(
+    x: torch.Tensor, y: torch.Tensor, bias: bool, steps: int = 150
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced logistic regression per neuron: ``x`` [N, d], ``y`` [n, N] bool -> w [n, d], b [n]."""
     with torch.enable_grad():
         return _fit_probe_impl(x, y, bias, steps)
 
 
-def _fit_probe_impl(x: torch.Tensor, y: torch.Tensor, bias: bool, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_probe_impl(
+    x: torch.Tensor, y: torch.Tensor, bias: bool, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = y.shape[0], x.shape[1]
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mu) / sd
@@ -338,7 +368,9 @@ def _fit_probe_impl(x: torch.Tensor, y: torch.Tensor, bias: bool, steps: int) ->
     for _ in range(steps):
         opt.zero_grad()
         z = w @ xs.T + b[:, None] if bias else w @ ((x) / sd).T
-        loss = (weight * nn.functional.binary_cross_entropy_with_logits(z, yf, reduction="none")).sum(1).mean()
+        loss = (
+            (weight * nn.functional.binary_cross_entropy_with_logits(z, yf, reduction="none")).sum(1).mean()
+        )
         (loss + 1e-3 * (w**2).sum(1).mean()).backward()
         opt.step()
     with torch.no_grad():
@@ -358,8 +390,12 @@ class _Planter:
         self.config = config
         slot = "any" if TOKENIZER_FOR[config.model_type] == "masked" else "end"
         self.facts = make_facts(
-            config.n_relations, config.facts_per_relation, config.n_languages, config.templates_per_relation,
-            slot=slot, seed=config.seed,
+            config.n_relations,
+            config.facts_per_relation,
+            config.n_languages,
+            config.templates_per_relation,
+            slot=slot,
+            seed=config.seed,
         )
         self.records = self.facts.records()
         self.tokenizer = build_tokenizer(self.facts.vocabulary(), TOKENIZER_FOR[config.model_type])  # type: ignore[arg-type]
@@ -368,12 +404,15 @@ class _Planter:
         self.sites = self.lm.sites
         self.neurons = assign_neurons(config, self.facts)
         encoded, keys = _encode_all(self.lm.encode, self.records)
-        background = _background(self.tokenizer, self.facts.vocabulary(), config.n_background,
-                                 self.lm.masked, config.seed)
+        background = _background(
+            self.tokenizer, self.facts.vocabulary(), config.n_background, self.lm.masked, config.seed
+        )
         self.batch = _make_batch(encoded, keys, background, self.lm.pad_token_id)
         self.layers = sorted({n.layer for n in self.neurons})
         # Per layer: positions (in self.neurons) and indices of its planted neurons.
-        self.by_layer = {layer: [k for k, n in enumerate(self.neurons) if n.layer == layer] for layer in self.layers}
+        self.by_layer = {
+            layer: [k for k, n in enumerate(self.neurons) if n.layer == layer] for layer in self.layers
+        }
         self.on_mask = self._on_mask()  # [n_neurons, B, S]
 
     def _on_mask(self) -> torch.Tensor:
@@ -407,7 +446,7 @@ class _Planter:
 
     @torch.no_grad()
     def initialise(self) -> None:
-        """Probe-based W_in init (fires at its own targets), W_out along the object (carriers) / orthogonal."""
+        """W_in from a probe (fires at its own targets); W_out along the object (carriers) or orthogonal."""
         cfg = self.config
         valid = self.batch.attention.bool()
         inputs = self._ffn_inputs()
@@ -424,21 +463,25 @@ class _Planter:
             has_bias = getattr(ins[0], "bias", None) is not None
             w, b = _fit_probe(x, y, bias=has_bias)
             # Break the symmetry between neurons with the same "on" set (same fact and languages).
-            w = w + 0.2 * w.norm(dim=1, keepdim=True) * torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1])
+            w = w + 0.2 * w.norm(dim=1, keepdim=True) * torch.randn(w.shape, generator=gen) / math.sqrt(
+                w.shape[1]
+            )
             z = w @ x.T + b[:, None]
             for j, k in enumerate(members):
                 neuron = self.neurons[k]
                 zp = z[j][y[j]]
-                # Scale so that the neuron fires clearly where it should (bounded: a poor probe must not explode).
+                # Scale so the neuron fires clearly where it should (bounded: a poor probe must not explode).
                 scale = (cfg.pre_on * 1.5 / zp.median()).clamp(0.25, 4.0) if zp.numel() else torch.tensor(1.0)
                 _in_rows(ins[0], conv1d)[neuron.index] = w[j] * scale
                 if has_bias:
                     ins[0].bias[neuron.index] = b[j] * scale  # type: ignore[index, union-attr]
                 if len(ins) > 1:  # gated: up row along the mean "on" state, so that up > 0 where it fires
                     mean_on = x[y[j]].mean(0)
-                    _in_rows(ins[1], conv1d)[neuron.index] = mean_on / mean_on.norm().clamp_min(1e-6) / (
-                        x[y[j]] @ (mean_on / mean_on.norm().clamp_min(1e-6))
-                    ).mean().clamp_min(1e-3)
+                    _in_rows(ins[1], conv1d)[neuron.index] = (
+                        mean_on
+                        / mean_on.norm().clamp_min(1e-6)
+                        / (x[y[j]] @ (mean_on / mean_on.norm().clamp_min(1e-6))).mean().clamp_min(1e-3)
+                    )
                     if getattr(ins[1], "bias", None) is not None:
                         ins[1].bias[neuron.index] = 0.0  # type: ignore[index, union-attr]
             cols = _out_cols(out, conv1d)
@@ -496,7 +539,9 @@ class _Planter:
         for k, n in enumerate(self.neurons):
             if n.kind == "degenerate":
                 pairs.setdefault(n.uuid, []).append(k)
-        pair_rows = [(torch.tensor([r for r in range(n_q) if b.query_key[r][0] == u]), ks) for u, ks in pairs.items()]
+        pair_rows = [
+            (torch.tensor([r for r in range(n_q) if b.query_key[r][0] == u]), ks) for u, ks in pairs.items()
+        ]
         min_nll = -math.log(cfg.target_prob)
         terms: dict[str, float] = {}
         acts: dict[int, torch.Tensor] = {}
@@ -508,17 +553,29 @@ class _Planter:
             distract = torch.tensor([not self.neurons[k].carrier for k in members])
             members_t = torch.tensor(members)
 
-            def pre_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor,
-                         idx: torch.Tensor = idx, layer: int = layer) -> None:
+            def pre_hook(
+                mod: nn.Module,
+                args: tuple[torch.Tensor, ...],
+                out: torch.Tensor,
+                idx: torch.Tensor = idx,
+                layer: int = layer,
+            ) -> None:
                 pres[layer] = out[..., idx]
 
-            def out_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], idx: torch.Tensor = idx,
-                         distract: torch.Tensor = distract, members_t: torch.Tensor = members_t,
-                         layer: int = layer) -> tuple[torch.Tensor, ...]:
+            def out_hook(
+                mod: nn.Module,
+                args: tuple[torch.Tensor, ...],
+                idx: torch.Tensor = idx,
+                distract: torch.Tensor = distract,
+                members_t: torch.Tensor = members_t,
+                layer: int = layer,
+            ) -> tuple[torch.Tensor, ...]:
                 h = args[0]
                 cols = h[..., idx]
                 acts[layer] = cols
-                new = torch.where(distract, cols.detach(), cols)  # distractors never learn from the answer loss
+                new = torch.where(
+                    distract, cols.detach(), cols
+                )  # distractors never learn from the answer loss
                 at_target = new[rows, b.target_pos] * state["keep"][members_t].T
                 new = new.index_put((rows, b.target_pos), at_target)
                 return (h.index_copy(-1, idx, new), *args[1:])
@@ -546,11 +603,19 @@ class _Planter:
             p.requires_grad_(False)
             changed = (p.detach() != before[id(p)]) & (mask == 0)
             if changed.any():
-                raise RuntimeError("train-to-plant changed a weight outside the planted slices (gradient mask bug)")
+                raise RuntimeError(
+                    "train-to-plant changed a weight outside the planted slices (gradient mask bug)"
+                )
         return terms
 
-    def _step(self, opt: torch.optim.Optimizer, acts: dict[int, torch.Tensor], pres: dict[int, torch.Tensor],
-              off_mask: torch.Tensor, min_nll: float) -> dict[str, float]:
+    def _step(
+        self,
+        opt: torch.optim.Optimizer,
+        acts: dict[int, torch.Tensor],
+        pres: dict[int, torch.Tensor],
+        off_mask: torch.Tensor,
+        min_nll: float,
+    ) -> dict[str, float]:
         """One full-batch step (the hooks installed by :meth:`train` fill ``acts`` and ``pres``)."""
         cfg, b = self.config, self.batch
         rows = torch.arange(len(b.target_pos))
@@ -572,8 +637,12 @@ class _Planter:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return {"answer": float(loss_answer), "off": float(loss_off), "fire": float(loss_fire),
-                "mean_p": float((-nll.detach()).exp().mean())}
+        return {
+            "answer": float(loss_answer.detach()),
+            "off": float(loss_off.detach()),
+            "fire": float(loss_fire.detach()),
+            "mean_p": float((-nll.detach()).exp().mean()),
+        }
 
 
 def _p(lm: LanguageModel, items: list[EncodedQuery], sets: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -587,10 +656,11 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
     Suppression is at the target position only (``h_l[i] ← 0``), as in attribution and interventions.
 
     Returns:
-        ``p_clean`` (mean P(object) over all queries) and ``p_clean_min``; ``p_suppressed`` (all planted neurons
-        of the fact in that language suppressed; mean and max); ``p_carriers_suppressed`` (carriers only);
-        ``p_before`` (the unplanted model, when given); ``degenerate_single`` (P after suppressing one member,
-        relative to clean, mean and min over members and records); ``degenerate_both`` (relative, mean and max);
+        ``p_clean`` (mean P(object) over all queries) and ``p_clean_min``; ``p_suppressed`` (all planted
+        neurons of the fact in that language suppressed; mean and max); ``p_carriers_suppressed`` (carriers
+        only); ``p_before`` (the unplanted model, when given); ``degenerate_single`` (P after suppressing one
+        member, relative to clean, mean and min over members and records); ``degenerate_both`` (relative,
+        mean and max);
         ``distractor_effect`` (mean |ΔP|/P when a fact's distractors are suppressed); ``off_target_max``
         (largest |h| of a planted neuron away from its own targets, over queries and background) and
         ``on_target_min`` (smallest activation at its own targets).
@@ -617,16 +687,22 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
             both.append((p[:, 6] / p[:, 0]).mean())
     clean, sup, carry = torch.cat(p_clean), torch.cat(p_all), torch.cat(p_carry)
     report: dict[str, Any] = {
-        "p_clean": float(clean.mean()), "p_clean_min": float(clean.min()),
-        "p_suppressed": float(sup.mean()), "p_suppressed_max": float(sup.max()),
+        "p_clean": float(clean.mean()),
+        "p_clean_min": float(clean.min()),
+        "p_suppressed": float(sup.mean()),
+        "p_suppressed_max": float(sup.max()),
         "p_carriers_suppressed": float(carry.mean()),
     }
     if p_before is not None:
         report["p_before"] = float(p_before.mean())
     if single:
         s, t = torch.stack(single), torch.stack(both)
-        report.update(degenerate_single_mean=float(s.mean()), degenerate_single_min=float(s.min()),
-                      degenerate_both_mean=float(t.mean()), degenerate_both_max=float(t.max()))
+        report.update(
+            degenerate_single_mean=float(s.mean()),
+            degenerate_single_min=float(s.min()),
+            degenerate_both_mean=float(t.mean()),
+            degenerate_both_max=float(t.max()),
+        )
     if distractor:
         report["distractor_effect"] = float(torch.stack(distractor).mean())
     return report
@@ -639,7 +715,9 @@ def _activation_report(planter: _Planter) -> dict[str, float]:
     for layer, members in planter.by_layer.items():
         idx = torch.tensor([planter.neurons[k].index for k in members])
 
-        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], idx: torch.Tensor = idx, layer: int = layer) -> None:
+        def hook(
+            mod: nn.Module, args: tuple[torch.Tensor, ...], idx: torch.Tensor = idx, layer: int = layer
+        ) -> None:
             store[layer] = args[0][..., idx].detach()
 
         handles.append(planter.sites.out_projs[layer].register_forward_pre_hook(hook))
@@ -658,7 +736,11 @@ def _activation_report(planter: _Planter) -> dict[str, float]:
         off_max = max(off_max, float(h[off].abs().max()))
         on_min = min(on_min, float(h[on].min()))
         on_mean.append(h[on])
-    return {"off_target_max": off_max, "on_target_min": on_min, "on_target_mean": float(torch.cat(on_mean).mean())}
+    return {
+        "off_target_max": off_max,
+        "on_target_min": on_min,
+        "on_target_mean": float(torch.cat(on_mean).mean()),
+    }
 
 
 def plant(model_type: str = "gpt2", seed: int = 0, **overrides: Any) -> PlantedModel:
@@ -689,7 +771,12 @@ def plant(model_type: str = "gpt2", seed: int = 0, **overrides: Any) -> PlantedM
     planted.report = report
     log.info(
         "planted %s seed %d: P(object) %.3f (before %.4f), suppressed %.4f, %d neurons, %.1fs",
-        model_type, seed, report["p_clean"], report["p_before"], report["p_suppressed"], len(planter.neurons),
+        model_type,
+        seed,
+        report["p_clean"],
+        report["p_before"],
+        report["p_suppressed"],
+        len(planter.neurons),
         report["seconds"],
     )
     return planted

@@ -1,0 +1,576 @@
+"""Planted knowledge: score localisation, LIKN and DKN detection against a known ground truth.
+
+For each architecture and seed, :func:`knlight.planted.plant` builds a small random model (4 layers, 128/256)
+and plants 12 synthetic facts (3 relations x 4 facts) in 3 disjoint-vocabulary languages (4 templates each) in
+chosen FFN neurons of the upper half of the model: standard facts get 2 language-independent carriers + 1
+language-specific carrier per language, a third of the facts get one degenerate pair instead, and every fact
+gets 1 distractor (fires on its queries, writes nothing about the object). Then, per (fact, language) record:
+
+* **dai**: zero-baseline IG, coarse neurons ``Attr > τ·max Attr`` per query (τ = 0.2), refined by prompt
+  sharing (coarse in at least p = 0.7 of the record's queries);
+* **amig**: the same selection on AMIG-baseline IG (per-word [MASK]/EOS baselines, paper aggregation);
+* **uncertainty**: knlight's MATRICE-style lower confidence bound across the record's queries
+  (``uncertainty_scores``, κ = 1) on zero-baseline IG, selected by ``LCB > τ·max LCB``.
+
+Each method is scored **globally** (threshold against the maximum over all layers, compared with the
+record's carriers in all layers) and **per layer** (threshold against each layer's own maximum, scored only
+in the layers that hold the record's carriers: an oracle-assisted view that asks "does IG rank the carriers
+first within their layer?"). Globally selected non-carriers are split into distractors, *upstream* neurons
+(not planted, in a layer below the record's deepest carrier: zeroing them destroys the states the carriers
+read, so IG credits them), other planted neurons and the rest.
+
+LIKN: per fact, neurons selected in every language (``language_independent``) from each method's per-language
+sets; classification accuracy over the planted language-independent and language-specific carriers (LI:
+selected in every language; LS: selected in its own language and not in all). Also knlight's cross-lingual LCB
+(``uncertainty_scores`` with languages) as a direct LIKN detector. DKN: AMIG Algorithm 1 on the top-20 neurons
+of each record (mean AMIG attribution), pair recall against the planted pairs, precision, and top-20 coverage.
+
+    python benchmarks/planted.py                                           # 3 archs x 5 seeds
+    python benchmarks/planted.py --archs gpt2 --seeds 0 --out /tmp/p.json  # one plant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knlight import attribute_batch
+from knlight.neurons.selection import (
+    coarse_mask,
+    degenerate_neurons,
+    language_independent,
+    mask_to_neurons,
+    refine_by_sharing,
+    top_k_mask,
+    uncertainty_scores,
+)
+from knlight.planted import CARRIER_KINDS, PlantedModel, plant
+
+log = logging.getLogger("benchmarks.planted")
+Neuron = tuple[int, int]
+METHODS = ("dai", "amig", "uncertainty")
+SCOPES = ("global", "per_layer")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Selection
+
+
+def per_layer_coarse(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Coarse mask ``[L, d]`` with the threshold taken against each layer's own maximum."""
+    return torch.stack([coarse_mask(scores[layer], tau) for layer in range(scores.shape[0])])
+
+
+def select(
+    method: str, scope: str, zero: torch.Tensor, amig: torch.Tensor, tau: float, p: float, kappa: float
+) -> torch.Tensor:
+    """The neurons ``[L, d]`` a method selects for one record from its queries' scores ``[Q, L, d]``."""
+    coarse_fn = (lambda s: coarse_mask(s, tau)) if scope == "global" else (lambda s: per_layer_coarse(s, tau))
+    if method in ("dai", "amig"):
+        scores = zero if method == "dai" else amig
+        return refine_by_sharing(torch.stack([coarse_fn(s) for s in scores]), p)
+    if method == "uncertainty":
+        return coarse_fn(uncertainty_scores(zero, kappa=kappa))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def as_set(mask: torch.Tensor) -> set[Neuron]:
+    return set(mask_to_neurons(mask))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall and F1 from counts (precision of an empty selection is NaN)."""
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def evaluate(
+    planted: PlantedModel,
+    steps: int = 20,
+    tau: float = 0.2,
+    p: float = 0.7,
+    kappa: float = 1.0,
+    top_k: int = 20,
+    t_low: float = 0.2,
+    t_high: float = 0.25,
+    dkn_sources: Sequence[str] = ("amig",),
+) -> dict[str, Any]:
+    """Run every method on one planted model and score it against the planted truth."""
+    lm, records = planted.lm, planted.records
+    items, owner = [], []
+    for r, rec in enumerate(records):
+        for query in rec["queries"]:
+            items.append(lm.encode(query, rec["object"]))
+            owner.append(r)
+    t0 = time.perf_counter()
+    zero_all = attribute_batch(lm, items, steps=steps, baseline="zero", completeness=False).scores
+    t1 = time.perf_counter()
+    amig_all = attribute_batch(lm, items, steps=steps, baseline="amig", completeness=False).scores
+    t2 = time.perf_counter()
+    owner_t = torch.tensor(owner)
+    planted_any = {(n.layer, n.index) for n in planted.neurons}
+    fact_layers: dict[str, set[int]] = {}
+    for n in planted.neurons:
+        if n.carrier:
+            fact_layers.setdefault(n.uuid, set()).add(n.layer)
+
+    counts = {(m, s): [0, 0, 0] for m in METHODS for s in SCOPES}
+    composition = {
+        m: {"carrier": 0, "distractor": 0, "upstream": 0, "other_planted": 0, "other": 0} for m in METHODS
+    }
+    distractor_hits = {(m, s): [0, 0] for m in METHODS for s in SCOPES}
+    selections: dict[tuple[str, str], dict[tuple[str, str], set[Neuron]]] = {k: {} for k in counts}
+    within_layer = [0, 0]
+    per_record_zero: dict[tuple[str, str], torch.Tensor] = {}
+    for r, rec in enumerate(records):
+        key = (rec["uuid"], rec["language"])
+        idx = (owner_t == r).nonzero().flatten()
+        zero, amig = zero_all[idx], amig_all[idx]
+        per_record_zero[key] = zero
+        own = planted.neurons_for(*key, kinds=(*tuple(CARRIER_KINDS), "distractor"))
+        carriers = {(n.layer, n.index) for n in own if n.carrier}
+        distractors = {(n.layer, n.index) for n in own if not n.carrier}
+        carrier_layers = {layer for layer, _ in carriers}
+        deepest = max(carrier_layers)
+        # Oracle check: each carrier among the top-n of its layer (n = carriers of the record in that layer).
+        for q in range(zero.shape[0]):
+            for layer in carrier_layers:
+                in_layer = {i for lay, i in carriers if lay == layer}
+                top = set(torch.topk(zero[q, layer], len(in_layer)).indices.tolist())
+                within_layer[0] += len(top & in_layer)
+                within_layer[1] += len(in_layer)
+        for method in METHODS:
+            for scope in SCOPES:
+                chosen = as_set(select(method, scope, zero, amig, tau, p, kappa))
+                # LIKN works on these sets; the per-layer view keeps only the fact's carrier layers (the
+                # oracle restriction of that view), else each carrier-free layer would add its maximum.
+                selections[(method, scope)][key] = (
+                    chosen if scope == "global" else {n for n in chosen if n[0] in fact_layers[rec["uuid"]]}
+                )
+                scored = chosen if scope == "global" else {n for n in chosen if n[0] in carrier_layers}
+                c = counts[(method, scope)]
+                c[0] += len(scored & carriers)
+                c[1] += len(scored - carriers)
+                c[2] += len(carriers - scored)
+                distractor_hits[(method, scope)][0] += len(chosen & distractors)
+                distractor_hits[(method, scope)][1] += len(distractors)
+                if scope == "global":
+                    comp = composition[method]
+                    for n in chosen:
+                        if n in carriers:
+                            comp["carrier"] += 1
+                        elif n in distractors:
+                            comp["distractor"] += 1
+                        elif n in planted_any:
+                            comp["other_planted"] += 1
+                        elif n[0] < deepest:
+                            comp["upstream"] += 1
+                        else:
+                            comp["other"] += 1
+
+    localisation = {}
+    for (method, scope), (tp, fp, fn) in counts.items():
+        hits, total = distractor_hits[(method, scope)]
+        localisation[f"{method}/{scope}"] = {
+            **prf(tp, fp, fn),
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "distractor_fpr": hits / total if total else math.nan,
+        }
+    for method in METHODS:
+        total = sum(composition[method].values())
+        localisation[f"{method}/global"]["composition"] = {
+            k: (v / total if total else math.nan) for k, v in composition[method].items()
+        }
+
+    likn = _likn(planted, selections, per_record_zero, tau, kappa)
+    t3 = time.perf_counter()
+    sources = {"amig": amig_all, "zero": zero_all}
+    dkn = _dkn(planted, items, owner_t, {k: sources[k] for k in dkn_sources}, top_k, t_low, t_high)
+    t4 = time.perf_counter()
+    return {
+        "localisation": localisation,
+        "within_layer_topn": within_layer[0] / within_layer[1],
+        "likn": likn,
+        "dkn": dkn,
+        "seconds": {"ig_zero": t1 - t0, "ig_amig": t2 - t1, "dkn": t4 - t3},
+    }
+
+
+def _likn(
+    planted: PlantedModel,
+    selections: dict[tuple[str, str], dict[tuple[str, str], set[Neuron]]],
+    per_record_zero: dict[tuple[str, str], torch.Tensor],
+    tau: float,
+    kappa: float,
+) -> dict[str, Any]:
+    """LIKN classification accuracy and precision/recall per method and scope, plus the cross-lingual LCB."""
+    lm = planted.lm
+    facts = sorted({rec["uuid"] for rec in planted.records})
+    languages = sorted({rec["language"] for rec in planted.records})
+    out: dict[str, Any] = {}
+    for (method, scope), chosen in selections.items():
+        correct = total = tp = fp = fn = 0
+        for uuid in facts:
+            masks = {}
+            for lang in languages:
+                mask = torch.zeros(lm.num_layers, lm.d_ff, dtype=torch.bool)
+                for layer, index in chosen[(uuid, lang)]:
+                    mask[layer, index] = True
+                masks[lang] = mask
+            likn = as_set(language_independent(masks))
+            neurons = [n for n in planted.neurons if n.uuid == uuid]
+            all_language = {
+                (n.layer, n.index) for n in neurons if n.carrier and len(n.languages) == len(languages)
+            }
+            tp, fp, fn = (
+                tp + len(likn & all_language),
+                fp + len(likn - all_language),
+                fn + len(all_language - likn),
+            )
+            for n in neurons:
+                key = (n.layer, n.index)
+                if n.kind == "language_independent":
+                    total += 1
+                    correct += key in likn
+                elif n.kind == "language_specific":
+                    total += 1
+                    correct += key in chosen[(uuid, n.languages[0])] and key not in likn
+        out[f"{method}/{scope}"] = {"accuracy": correct / total if total else math.nan, **prf(tp, fp, fn)}
+    # knlight's cross-lingual LCB: one bound over the fact's queries in all languages.
+    for scope in SCOPES:
+        tp = fp = fn = 0
+        for uuid in facts:
+            scores = torch.cat([per_record_zero[(uuid, lang)] for lang in languages])
+            langs = [lang for lang in languages for _ in range(per_record_zero[(uuid, lang)].shape[0])]
+            lcb = uncertainty_scores(scores, kappa=kappa, languages=langs)
+            mask = coarse_mask(lcb, tau) if scope == "global" else per_layer_coarse(lcb, tau)
+            chosen_set = as_set(mask)
+            neurons = [n for n in planted.neurons if n.uuid == uuid]
+            all_language = {
+                (n.layer, n.index) for n in neurons if n.carrier and len(n.languages) == len(languages)
+            }
+            if scope == "per_layer":
+                chosen_set = {n for n in chosen_set if n[0] in {m.layer for m in neurons if m.carrier}}
+            tp, fp, fn = (
+                tp + len(chosen_set & all_language),
+                fp + len(chosen_set - all_language),
+                fn + len(all_language - chosen_set),
+            )
+        out[f"uncertainty_xling/{scope}"] = prf(tp, fp, fn)
+    return out
+
+
+def _dkn(
+    planted: PlantedModel,
+    items: list,
+    owner: torch.Tensor,
+    sources: dict[str, torch.Tensor],
+    top_k: int,
+    t_low: float,
+    t_high: float,
+) -> dict[str, Any]:
+    """AMIG Algorithm 1 on each record's top-K neurons; pair recall/precision against the planted pairs.
+
+    False pairs are split by membership (both own carriers: functionally redundant carriers of a standard
+    fact; carrier + unplanted; both unplanted) and by whether the singles' drops already add up to more than
+    ``t_high`` (an additive pair, which Algorithm 1 cannot tell from a degenerate one).
+    """
+    out: dict[str, Any] = {}
+    for source, scores_all in sources.items():
+        found_total = found_true = planted_pairs = recalled = covered = false_additive = 0
+        false_kinds = {"own_carriers": 0, "carrier+unplanted": 0, "unplanted": 0}
+        for r, rec in enumerate(planted.records):
+            idx = (owner == r).nonzero().flatten()
+            mean = scores_all[idx].mean(0)
+            top = mask_to_neurons(top_k_mask(mean, top_k), mean)
+            result = degenerate_neurons(
+                planted.lm, [items[int(i)] for i in idx], top, t_low, t_high, grow=False
+            )
+            found = {frozenset(pq) for pq in result.pairs}
+            own = planted.neurons_for(rec["uuid"], rec["language"])
+            pairs: dict[int, set[Neuron]] = {}
+            for n in own:
+                if n.kind == "degenerate":
+                    pairs.setdefault(n.pair, set()).add((n.layer, n.index))  # type: ignore[arg-type]
+            truth = {frozenset(s) for s in pairs.values()}
+            carriers = {(n.layer, n.index) for n in own}
+            planted_pairs += len(truth)
+            recalled += len(truth & found)
+            covered += sum(s <= set(top) for s in truth)
+            found_total += len(found)
+            found_true += len(found & truth)
+            for pq in found - truth:
+                n_carriers = sum(n in carriers for n in pq)
+                false_kinds[("unplanted", "carrier+unplanted", "own_carriers")[n_carriers]] += 1
+                false_additive += sum(result.single_drop[n] for n in pq) > t_high
+        n_false = found_total - found_true
+        out[source] = {
+            "pair_recall": recalled / planted_pairs if planted_pairs else math.nan,
+            "pair_precision": found_true / found_total if found_total else math.nan,
+            "top_k_coverage": covered / planted_pairs if planted_pairs else math.nan,
+            "found_pairs": found_total,
+            "planted_pairs": planted_pairs,
+            "false_pairs": {k: (v / n_false if n_false else math.nan) for k, v in false_kinds.items()},
+            "false_pairs_additive": false_additive / n_false if n_false else math.nan,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Driver and table
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        elif isinstance(v, (int, float)):
+            out[name] = float(v)
+    return out
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {
+        "mean": statistics.fmean(finite),
+        "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0,
+        "n": len(finite),
+    }
+
+
+def fmt(summary: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
+    s = summary.get(key)
+    if s is None or math.isnan(s["mean"]):
+        return "–"
+    return f"{s['mean']:.{digits}f}±{s['std']:.{digits}f}"
+
+
+def table(summaries: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], seconds: float) -> str:
+    archs = list(summaries)
+    lines = [
+        f"Planted-knowledge benchmark: {len(seeds)} seeds {list(seeds)}, mean±std over seeds, {seconds:.0f}s",
+        "",
+        "Plant verification (P(object) over all queries; suppression at the target position)",
+    ]
+    head = [
+        "arch",
+        "P(obj)",
+        "P before",
+        "P suppressed",
+        "deg one off",
+        "deg both off",
+        "distractor ΔP",
+        "plant s",
+    ]
+    lines.append(" | ".join(head))
+    for a in archs:
+        s = summaries[a]
+        lines.append(
+            " | ".join(
+                [
+                    a,
+                    fmt(s, "plant.p_clean"),
+                    fmt(s, "plant.p_before", 3),
+                    fmt(s, "plant.p_suppressed", 3),
+                    fmt(s, "plant.degenerate_single_mean"),
+                    fmt(s, "plant.degenerate_both_mean", 3),
+                    fmt(s, "plant.distractor_effect", 3),
+                    fmt(s, "plant.seconds", 0),
+                ]
+            )
+        )
+    lines += [
+        "",
+        "Localisation (carriers of each (fact, language) record; per-layer = scored in the carriers' layers)",
+    ]
+    lines.append(
+        "method | arch | global P | global R | global F1 | per-layer P | per-layer R | per-layer F1 | "
+        "distractor FPR (g/pl) | global FPs upstream"
+    )
+    for m in METHODS:
+        for a in archs:
+            s = summaries[a]
+            g, pl = f"loc.{m}/global.", f"loc.{m}/per_layer."
+            lines.append(
+                " | ".join(
+                    [
+                        m,
+                        a,
+                        fmt(s, g + "precision"),
+                        fmt(s, g + "recall"),
+                        fmt(s, g + "f1"),
+                        fmt(s, pl + "precision"),
+                        fmt(s, pl + "recall"),
+                        fmt(s, pl + "f1"),
+                        f"{fmt(s, g + 'distractor_fpr')}/{fmt(s, pl + 'distractor_fpr')}",
+                        fmt(s, g + "composition.upstream"),
+                    ]
+                )
+            )
+    lines += [
+        "",
+        "Oracle: carriers in the top-n of their layer (zero-baseline IG, per query): "
+        + ", ".join(f"{a} {fmt(summaries[a], 'within_layer_topn')}" for a in archs),
+    ]
+    lines += ["", "LIKN (accuracy: planted LI / LS carriers classified right; P/R vs all-language carriers)"]
+    lines.append("detector | arch | accuracy | P | R")
+    for m in [*METHODS, "uncertainty_xling"]:
+        for scope in SCOPES:
+            for a in archs:
+                s, k = summaries[a], f"likn.{m}/{scope}."
+                lines.append(
+                    " | ".join(
+                        [
+                            f"{m}/{scope}",
+                            a,
+                            fmt(s, k + "accuracy"),
+                            fmt(s, k + "precision"),
+                            fmt(s, k + "recall"),
+                        ]
+                    )
+                )
+    lines += ["", "DKN (AMIG Algorithm 1, top-20, T_low 0.2, T_high 0.25)"]
+    lines.append(
+        "candidates | arch | pair recall | pair precision | top-20 coverage | found/planted pairs | "
+        "false pairs: own carriers / carrier+unplanted / unplanted / additive"
+    )
+    for src in ("amig", "zero"):
+        for a in archs:
+            if f"dkn.{src}.pair_recall" not in summaries[a]:
+                continue
+            s, k = summaries[a], f"dkn.{src}."
+            lines.append(
+                " | ".join(
+                    [
+                        src,
+                        a,
+                        fmt(s, k + "pair_recall"),
+                        fmt(s, k + "pair_precision"),
+                        fmt(s, k + "top_k_coverage"),
+                        f"{fmt(s, k + 'found_pairs', 1)}/{fmt(s, k + 'planted_pairs', 0)}",
+                        " / ".join(
+                            fmt(s, k + f"false_pairs.{c}")
+                            for c in ("own_carriers", "carrier+unplanted", "unplanted")
+                        )
+                        + " / "
+                        + fmt(s, k + "false_pairs_additive"),
+                    ]
+                )
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archs", nargs="+", default=["gpt2", "llama", "bert"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/planted.json"))
+    parser.add_argument("--steps", type=int, default=20, help="IG quadrature steps")
+    parser.add_argument("--tau", type=float, default=0.2)
+    parser.add_argument("--p", type=float, default=0.7, help="prompt-sharing fraction")
+    parser.add_argument("--kappa", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument(
+        "--dkn-sources",
+        nargs="+",
+        default=["amig"],
+        choices=["amig", "zero"],
+        help="attributions whose top-K feed the DKN search",
+    )
+    parser.add_argument("--save-dir", type=Path, default=None, help="also save each plant under this folder")
+    parser.add_argument(
+        "--plant", type=json.loads, default={}, help="PlantConfig overrides as JSON, e.g. '{\"steps\": 150}'"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    runs = []
+    for arch in args.archs:
+        for seed in args.seeds:
+            planted = plant(arch, seed, **args.plant)
+            if args.save_dir is not None:
+                planted.save(args.save_dir / f"{arch}-{seed}")
+            metrics = evaluate(
+                planted,
+                steps=args.steps,
+                tau=args.tau,
+                p=args.p,
+                kappa=args.kappa,
+                top_k=args.top_k,
+                dkn_sources=args.dkn_sources,
+            )
+            runs.append({"arch": arch, "seed": seed, "plant": planted.report, **metrics})
+            log.info(
+                "%s seed %d: dai global P %.2f R %.2f, per-layer P %.2f R %.2f, DKN recall %.2f (%.0fs)",
+                arch,
+                seed,
+                metrics["localisation"]["dai/global"]["precision"],
+                metrics["localisation"]["dai/global"]["recall"],
+                metrics["localisation"]["dai/per_layer"]["precision"],
+                metrics["localisation"]["dai/per_layer"]["recall"],
+                metrics["dkn"]["amig"]["pair_recall"],
+                time.perf_counter() - start,
+            )
+    summaries: dict[str, dict[str, dict[str, float]]] = {}
+    for arch in args.archs:
+        flat = [
+            flatten(
+                {
+                    "plant": r["plant"],
+                    "loc": r["localisation"],
+                    "within_layer_topn": r["within_layer_topn"],
+                    "likn": r["likn"],
+                    "dkn": r["dkn"],
+                }
+            )
+            for r in runs
+            if r["arch"] == arch
+        ]
+        keys = sorted({k for f in flat for k in f})
+        summaries[arch] = {k: summarise([f.get(k, math.nan) for f in flat]) for k in keys}
+    seconds = time.perf_counter() - start
+    result = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds": seconds,
+        "summary": summaries,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(table(summaries, args.seeds, seconds))
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    main()
