@@ -118,7 +118,8 @@ class AttributionTensorBoard(Callback):
             experiment.add_scalar("predict/items_per_s", self._items / elapsed, batch_idx)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        writer = next((c for c in trainer.callbacks if isinstance(c, AttributionWriter)), None)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        writer = next((c for c in callbacks if isinstance(c, AttributionWriter)), None)
         if writer is None:
             log.warning("AttributionTensorBoard: no AttributionWriter among the callbacks; no figures")
             return

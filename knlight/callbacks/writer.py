@@ -45,6 +45,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from knlight.tasks.base import BaseTask
+
 log = logging.getLogger(__name__)
 
 MERGED = "attributions.jsonl"
@@ -179,8 +181,9 @@ class AttributionWriter(BasePredictionWriter):
         if self.output_dir is not None:
             return Path(self.output_dir)
         logger = trainer.logger
-        if logger is not None and getattr(logger, "save_dir", None) is not None:
-            return Path(logger.save_dir) / (logger.name or "") / "attributions"
+        save_dir = getattr(logger, "save_dir", None)
+        if logger is not None and save_dir is not None:
+            return Path(save_dir) / (logger.name or "") / "attributions"
         return Path(trainer.default_root_dir) / "attributions"
 
     @property
@@ -230,7 +233,7 @@ class AttributionWriter(BasePredictionWriter):
             raise RuntimeError(problem)
         self.attempt = strategy.broadcast(attempt)
         self.previously_done = strategy.broadcast(done)
-        if hasattr(pl_module, "done_keys"):
+        if isinstance(pl_module, BaseTask):
             pl_module.done_keys = set(self.previously_done)
         if self.previously_done and trainer.is_global_zero:
             log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))

@@ -244,7 +244,7 @@ class AttributionModule(BaseTask):
         """
         from knlight.callbacks import AttributionTensorBoard, AttributionWriter
 
-        present = self._trainer.callbacks if self._trainer is not None else []
+        present = self._trainer.callbacks if self._trainer is not None else []  # type: ignore[attr-defined]
         return [
             cls()
             for cls in (AttributionWriter, AttributionTensorBoard)
