@@ -42,8 +42,9 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torch.utils.data import DataLoader, DistributedSampler
 
-from knlight.data.datamodule import RMLLamaDataModule, record_items
+from knlight.data.datamodule import ItemDataset, RMLLamaDataModule, collate_items, record_items
 from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
@@ -756,9 +757,12 @@ class EditingModule(BaseTask):
 
     def on_fit_end(self) -> None:
         """Saves the edit (``edit.safetensors``) in the log dir."""
-        if self.edit is None or not self.trainer.is_global_zero:
+        if self.edit is None:
             return
-        path = self.edit.save(Path(self._out_dir()) / "edit.safetensors", **self._provenance())
+        out_dir = self._out_dir()  # collective under DDP: every rank asks
+        if not self.trainer.is_global_zero:
+            return
+        path = self.edit.save(Path(out_dir) / "edit.safetensors", **self._provenance())
         log.info("edit saved to %s (%d neurons)", path, len(self.edit.neurons))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -918,6 +922,7 @@ class EditingModule(BaseTask):
         for name, (value, count) in values.items():
             if count:
                 self.log(f"{stage}/{name}", value, sync_dist=False)
+        out_dir = self._out_dir()  # collective under DDP: every rank asks
         if self.trainer.is_global_zero:
             extra = {
                 "stage": stage,
@@ -929,7 +934,7 @@ class EditingModule(BaseTask):
                 "world_size": self.trainer.world_size,
                 "requests": [asdict(r) for r in self.requests],
             }
-            path = write_table(result_table(values), self._out_dir(), f"editing_{stage}", extra)
+            path = write_table(result_table(values), out_dir, f"editing_{stage}", extra)
             log.info("editing results: %s", path)
             for method in self.method_names():
                 headline = [(m, values.get(metric_name(method, *m.split("/"), "all"))) for m in _HEADLINE]
@@ -959,14 +964,30 @@ class EditingDataModule(RMLLamaDataModule):
             raise RuntimeError("EditingDataModule serves an EditingModule; pair them in the config")
         return module
 
-    def train_dataloader(self) -> Any:
+    def _rows_loader(self, rows: list[Row]) -> DataLoader:
+        # Rows are laid out in global batches: shard them in order (Lightning would shuffle a training set).
+        dataset = ItemDataset(rows)
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(dataset, shuffle=False, **trainer.distributed_sampler_kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_items,
+        )
+
+    def train_dataloader(self) -> DataLoader:
         """The training schedule, in order (global batches are laid out consecutively)."""
-        return self._loader(self._task().rows("train"), shuffle=False)
+        return self._rows_loader(self._task().rows("train"))
 
-    def val_dataloader(self) -> Any:
+    def val_dataloader(self) -> DataLoader:
         """Evaluation rows."""
-        return self._loader(self._task().rows("val"), shuffle=False)
+        return self._rows_loader(self._task().rows("val"))
 
-    def test_dataloader(self) -> Any:
+    def test_dataloader(self) -> DataLoader:
         """Evaluation rows (the same as validation)."""
-        return self._loader(self._task().rows("test"), shuffle=False)
+        return self._rows_loader(self._task().rows("test"))
