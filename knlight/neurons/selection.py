@@ -4,12 +4,13 @@ All score tensors are ``[num_layers, d_ff]`` (one query) or ``[Q, num_layers, d_
 
 **Uncertainty-aware aggregation (knlight's MATRICE-style formulation).** MATRICE's exact formulas are not
 public, so knlight defines its own and documents it here. Each query's scores are normalised by their maximum
-(``Â_q = A_q / max A_q``; a query whose maximum is not positive contributes zeros), so rephrasings and languages
-weigh alike. Within a language ``g`` the neuron's score is a lower confidence bound across its queries,
-``LCB_g = mean_q Â_q - κ·std_q Â_q`` (population std; optional weights, e.g. the model's P(answer) per query,
-give a weighted mean and std). Across languages the same bound is taken again over the per-language bounds,
-``LCB = mean_g LCB_g - κ·std_g LCB_g``. A neuron is selected when ``LCB > τ·max LCB``. Neurons that are high
-for *every* rephrasing and language win; a neuron that is strong in one query only is pulled down by its spread.
+(``Â_q = A_q / max A_q``; a query whose maximum is not positive contributes zeros), so rephrasings and
+languages weigh alike. Within a language ``g`` the neuron's score is a lower confidence bound across its
+queries, ``LCB_g = mean_q Â_q - κ·std_q Â_q`` (population std; optional weights, e.g. the model's P(answer)
+per query, give a weighted mean and std). Across languages the same bound is taken again over the per-language
+bounds, ``LCB = mean_g LCB_g - κ·std_g LCB_g``. A neuron is selected when ``LCB > τ·max LCB``. Neurons that
+are high for *every* rephrasing and language win; a neuron that is strong in one query only is pulled down by
+its spread.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from knlight.neurons.interventions import Neuron, answer_log_probs
+from knlight.neurons.interventions import Neuron, answer_log_probs, relative_change_from_log
 from knlight.neurons.prompts import EncodedQuery
 
 
@@ -54,10 +55,12 @@ def sharing_counts(coarse: torch.Tensor) -> torch.Tensor:
 
 
 def refine_by_sharing(coarse: torch.Tensor, p: float) -> torch.Tensor:
-    """Refined neurons: coarse in at least a fraction ``p`` of the fact's queries."""
+    """Refined neurons: coarse in at least a fraction ``p`` of the fact's queries (and in at least one)."""
     if coarse.dim() != 3 or coarse.shape[0] == 0:
         raise ValueError(f"coarse masks must be [Q, L, d] with Q >= 1, got shape {tuple(coarse.shape)}")
-    return sharing_counts(coarse) >= p * coarse.shape[0] - 1e-9
+    if not 0.0 <= p <= 1.0 + 1e-9:
+        raise ValueError(f"sharing fraction p must be in [0, 1], got {p}")
+    return sharing_counts(coarse) >= max(p * coarse.shape[0] - 1e-9, 1)
 
 
 def adaptive_refine(
@@ -65,14 +68,19 @@ def adaptive_refine(
 ) -> tuple[torch.Tensor, float]:
     """Dai et al.'s adaptive prompt sharing: move p by ``step`` until 2–5 neurons (default) remain.
 
-    Returns the refined mask and the p used. When no p yields a count in range (ties), the p whose count is
+    p stays in ``(0, 1]``; a neuron must be coarse in at least one query whatever p. Returns the refined mask
+    and the p used. When no p yields a count in range (ties, or too few coarse neurons), the p whose count is
     closest to the range wins (smaller p on equal distance).
     """
+    if not 0 <= min_neurons <= max_neurons:
+        raise ValueError(f"need 0 <= min_neurons <= max_neurons, got {min_neurons}, {max_neurons}")
+    if step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
     best: tuple[float, float, torch.Tensor] | None = None
     seen = set()
-    current = p
-    while 0.0 < current <= 1.0 + 1e-9 and round(current, 6) not in seen:
-        seen.add(round(current, 6))
+    current = round(p, 10)
+    while step / 2 < current <= 1.0 + 1e-9 and current not in seen:
+        seen.add(current)
         mask = refine_by_sharing(coarse, current)
         n = int(mask.sum())
         distance = max(min_neurons - n, n - max_neurons, 0)
@@ -80,7 +88,7 @@ def adaptive_refine(
             best = (distance, current, mask)
         if distance == 0:
             return mask, current
-        current = current - step if n < min_neurons else current + step
+        current = round(current - step if n < min_neurons else current + step, 10)
     assert best is not None
     return best[2], best[1]
 
@@ -165,13 +173,17 @@ class DegenerateResult:
     single_drop: dict[Neuron, float]
 
 
-def _drops(lm: Any, items: Sequence[EncodedQuery], sets: list[list[Neuron]]) -> torch.Tensor:
-    """Mean relative drop of P(answer) over the items, for each neuron set (suppressed alone)."""
-    log_p = answer_log_probs(lm, items, [[], *sets], factor=0.0)
-    p = log_p.exp()
-    before = p[:, :1]
-    drop = (before - p[:, 1:]) / before.clamp_min(1e-30)
-    return drop.mean(0)
+def _drops(
+    lm: Any, items: Sequence[EncodedQuery], sets: list[list[Neuron]], batch_rows: int = 256
+) -> torch.Tensor:
+    """Mean relative drop of P(answer) over the items, for each neuron set (suppressed alone).
+
+    Computed from log-probabilities (no underflow); items whose clean P(answer) is 0 are left out of the mean
+    (NaN when every item is).
+    """
+    log_p = answer_log_probs(lm, items, [[], *sets], factor=0.0, batch_rows=batch_rows)
+    drop = -relative_change_from_log(log_p[:, :1], log_p[:, 1:])
+    return drop.nanmean(0).float()
 
 
 def degenerate_neurons(
@@ -182,6 +194,7 @@ def degenerate_neurons(
     t_high: float = 0.25,
     grow: bool = True,
     max_set_size: int = 4,
+    batch_rows: int = 256,
 ) -> DegenerateResult:
     """AMIG Algorithm 1 (pairs), plus greedy growth to larger sets.
 
@@ -195,15 +208,18 @@ def degenerate_neurons(
         t_high: A pair (set) is degenerate when suppressing it drops P by more than this.
         grow: Also search larger sets among candidates not in any pair.
         max_set_size: Largest set the greedy growth builds.
+        batch_rows: Rows (query × neuron set) per forward.
     """
     top = list(top)
     pair_list = list(itertools.combinations(top, 2))
-    drops = _drops(lm, items, [[n] for n in top] + [list(pq) for pq in pair_list])
+    drops = _drops(lm, items, [[n] for n in top] + [list(pq) for pq in pair_list], batch_rows)
     single = {n: float(drops[i]) for i, n in enumerate(top)}
     candidates = [n for n in top if single[n] <= t_low]
     cand = set(candidates)
     pairs = [
-        pq for k, pq in enumerate(pair_list) if pq[0] in cand and pq[1] in cand and float(drops[len(top) + k]) > t_high
+        pq
+        for k, pq in enumerate(pair_list)
+        if pq[0] in cand and pq[1] in cand and float(drops[len(top) + k]) > t_high
     ]
     sets: list[list[Neuron]] = []
     if grow:
@@ -215,14 +231,21 @@ def degenerate_neurons(
                 options = [n for n in pool if n not in chosen]
                 if not options:
                     break
-                trial = _drops(lm, items, [[*chosen, n] for n in options])
+                trial = _drops(lm, items, [[*chosen, n] for n in options], batch_rows)
                 best = int(trial.argmax())
                 chosen.append(options[best])
                 if float(trial[best]) > t_high:
                     break
-            joint = float(_drops(lm, items, [chosen])[0])
-            minimal = len(chosen) >= 3 and joint > t_high and bool(
-                (_drops(lm, items, [[m for m in chosen if m != x] for x in chosen]) <= t_high).all()
+            joint = float(_drops(lm, items, [chosen], batch_rows)[0])
+            minimal = (
+                len(chosen) >= 3
+                and joint > t_high
+                and bool(
+                    (
+                        _drops(lm, items, [[m for m in chosen if m != x] for x in chosen], batch_rows)
+                        <= t_high
+                    ).all()
+                )
             )
             if minimal:
                 sets.append(chosen)

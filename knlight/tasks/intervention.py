@@ -1,0 +1,420 @@
+"""Suppress / enhance / erase knowledge neurons and measure the effect: a Lightning *test* loop.
+
+``knlight test --config configs/tiny/intervene.yaml`` runs :class:`InterventionModule` over the items of the
+data module's test split (set ``data.init_args.split_fractions: [0, 0, 1]`` to test every fact). For each item
+``(uuid, language, query)`` and each method (a neuron file and which of its sets to use):
+
+* **suppress** (×0) and **enhance** (× ``enhance_factor``, 2) the fact's neurons at the target positions;
+  **erase**: suppress the union of the fact's neurons over all its languages (for a per-language set; for a
+  language-independent, uncertainty or degenerate set it equals suppress);
+* measure ΔP on the item (*related*) and on ``unrelated_per_query`` queries of other facts in the same
+  language (*unrelated*; a seeded sample that depends only on the item);
+* the **random control**: the same operations on random neurons, as many per layer as the fact's (seeded);
+* the **cross-lingual effect**: suppress another language's neurons of the same fact (and the fact's LIKN) and
+  measure ΔP on this language's query.
+
+Every item's rows are evaluated in their own forwards, so its numbers do not depend on its batch-mates: under
+DDP (``DistributedSampler`` pads with duplicates, removed before reducing) the tables are identical to a
+single-process run. At the end rank 0 writes the tables (see :mod:`knlight.metrics.intervention` for the
+definitions) to ``output_dir`` as CSV and JSON, and the figures callback logs bar charts and heat maps to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback
+
+from knlight.data.jsonio import write_text_atomically
+from knlight.metrics.intervention import (
+    CLEAN,
+    CROSS,
+    INDEX_COLUMNS,
+    ITEM,
+    LIKN_SOURCE,
+    OPERATIONS,
+    RELATED,
+    ROLE,
+    SKIPPED,
+    UNRELATED,
+    VALUE_COLUMNS,
+    InterventionRows,
+    Vocabulary,
+    jaccard_table,
+    layer_distribution,
+    summarise,
+)
+from knlight.neurons.interventions import Neuron, intervene, random_like
+from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
+from knlight.neurons.prompts import EncodedQuery, QueryError
+from knlight.tasks.base import BaseTask
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+Operation = Literal["suppress", "enhance", "erase"]
+
+
+@dataclass(frozen=True)
+class NeuronSource:
+    """One method to test: a neuron file and which of its sets.
+
+    Attributes:
+        path: The neuron file (written by ``python -m knlight.select``).
+        neurons: ``language`` (each language's own neurons; default), ``language_independent`` (LIKN),
+            ``uncertainty`` (uncertainty-aware aggregation) or ``degenerate`` (every DKN member).
+    """
+
+    path: str
+    neurons: Literal["language", "language_independent", "uncertainty", "degenerate"] = "language"
+
+
+@dataclass
+class _Row:
+    query: int  # index into the plan's queries (0 = the related item)
+    method: int
+    kind: int
+    op: int
+    role: int
+    other: int
+    neurons: list[Neuron]
+    factor: float
+
+
+class InterventionModule(BaseTask):
+    """Tests knowledge neurons by intervention (test loop); compares several neuron files in one run.
+
+    Args:
+        model: Hub id, local folder or ``.gguf`` file, or ``tiny:<arch>[:seed]``; the model the neurons were
+            selected on.
+        tokenizer: Where to load the tokenizer from (default: the model's).
+        dtype: Weight and compute dtype (default float32).
+        gguf_file: GGUF file name inside ``model``.
+        methods: Name → neuron source (``{path: neurons.json, neurons: language}``), e.g. ``dai``, ``amig``,
+            ``likn``, ``uncertainty``. Every file is validated against the model.
+        operations: Operations to run: ``suppress`` (×0), ``enhance`` (× ``enhance_factor``) and ``erase``
+            (suppress the fact's neurons of every language).
+        enhance_factor: Multiplier of ``enhance`` (Dai et al., AMIG: 2).
+        unrelated_per_query: Queries of other facts (same language) measured per related query.
+        random_control: Also run every operation on random neurons (same count per layer, seeded).
+        cross_lingual: Also suppress each other language's neurons (and the LIKN) of the fact on this
+            language's queries (methods with per-language sets only).
+        seed: Seed of the unrelated samples and of the random neurons.
+        batch_rows: Rows (query × neuron set) per forward; lower it when memory is short.
+        output_dir: Where rank 0 writes the tables (default: ``<log dir>/intervention``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        gguf_file: str | None = None,
+        methods: dict[str, NeuronSource] | None = None,
+        operations: list[Operation] | None = None,
+        enhance_factor: float = 2.0,
+        unrelated_per_query: int = 5,
+        random_control: bool = True,
+        cross_lingual: bool = True,
+        seed: int = 0,
+        batch_rows: int = 256,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, dtype, gguf_file)
+        if not methods:
+            raise ValueError(
+                "InterventionModule needs at least one method: methods: {name: {path: neurons.json}} (write "
+                "neuron files with `python -m knlight.select`)"
+            )
+        self.methods = {
+            name: source if isinstance(source, NeuronSource) else NeuronSource(**source)
+            for name, source in methods.items()
+        }
+        self.operations = list(operations) if operations is not None else list(OPERATIONS)
+        unknown = [op for op in self.operations if op not in OPERATIONS]
+        if unknown or not self.operations:
+            raise ValueError(f"operations {self.operations}: choose among {', '.join(OPERATIONS)}")
+        if unrelated_per_query < 0:
+            raise ValueError(f"unrelated_per_query must be >= 0, got {unrelated_per_query}")
+        self.save_hyperparameters()
+        self.enhance_factor = enhance_factor
+        self.unrelated_per_query = unrelated_per_query
+        self.random_control = random_control
+        self.cross_lingual = cross_lingual
+        self.seed = seed
+        self.batch_rows = batch_rows
+        self.output_dir = output_dir
+        self.rows = InterventionRows()
+        self.files: dict[str, NeuronFile] = {}
+        self.vocab: Vocabulary | None = None
+        self.results: dict[str, Any] | None = None
+        self.out_dir: Path | None = None
+        self._item_id: dict[tuple[str, str, int], int] = {}
+        self._by_language: dict[str, list[Item]] = {}
+        self._same_fact: dict[tuple[str, str], int] = {}
+        self._encoded: dict[tuple[str, str, int], EncodedQuery] = {}
+        self._started = 0.0
+
+    # -- set-up
+    # ------------------------------------------------------------------------------------------------
+
+    def on_lm_loaded(self) -> None:
+        """Reads and validates every neuron file against the loaded model."""
+        by_path: dict[str, NeuronFile] = {}
+        for name, source in self.methods.items():
+            if source.path not in by_path:
+                by_path[source.path] = read_neuron_file(source.path, self.lm.num_layers, self.lm.d_ff)
+            self.files[name] = by_path[source.path]
+            if self.files[name].model != self.model_name:
+                log.warning(
+                    "method %s: %s was selected on %r, testing on %r (same shape)",
+                    name, source.path, self.files[name].model, self.model_name,
+                )  # fmt: skip
+
+    def _pool(self) -> list[Item]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "items"):
+            raise RuntimeError(
+                "InterventionModule samples unrelated queries from the data module's items: use "
+                "knlight.data.datamodule.RMLLamaDataModule (or a data module with an items('all') method)"
+            )
+        return list(datamodule.items("all"))
+
+    def on_test_start(self) -> None:
+        """Builds the item vocabulary (the same on every process) and resolves the output directory."""
+        self._started = time.perf_counter()
+        pool = sorted(self._pool(), key=self.item_key)
+        self._item_id = {self.item_key(item): i for i, item in enumerate(pool)}
+        self._by_language = defaultdict(list)
+        self._same_fact = defaultdict(int)
+        for item in pool:
+            self._by_language[item["language"]].append(item)
+            self._same_fact[(item["uuid"], item["language"])] += 1
+        languages = sorted(
+            {item["language"] for item in pool} | {g for f in self.files.values() for g in f.languages()}
+        )
+        self.vocab = Vocabulary(
+            items=[self.item_key(item) for item in pool],  # type: ignore[misc]
+            relations=[item.get("relation") for item in pool],
+            methods=list(self.methods),
+            languages=languages,
+        )
+        self.rows.reset()
+        # Every process must take part: the log dir is broadcast from rank 0.
+        log_dir = self.trainer.log_dir
+        self.out_dir = Path(self.output_dir) if self.output_dir else Path(log_dir or ".") / "intervention"
+
+    # -- per item
+    # ----------------------------------------------------------------------------------------------
+
+    def _encode(self, item: Item) -> EncodedQuery:
+        key = self.item_key(item)
+        if key not in self._encoded:
+            try:
+                self._encoded[key] = self.lm.encode(item["query"], item["answer"])  # type: ignore[index]
+            except QueryError as error:
+                raise QueryError(
+                    f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r} "
+                    f"(query {item['query']!r}, answer {item['answer']!r}): {error}"
+                ) from error
+        return self._encoded[key]  # type: ignore[index]
+
+    def unrelated_items(self, item: Item) -> list[Item]:
+        """The seeded sample of other facts' queries in the item's language (depends only on the item)."""
+        candidates = self._by_language.get(item["language"], [])
+        available = len(candidates) - self._same_fact[(item["uuid"], item["language"])]
+        wanted = min(self.unrelated_per_query, available)
+        rng = random.Random(f"{self.seed}/unrelated/{item['uuid']}/{item['language']}/{item['query_id']}")
+        chosen: list[Item] = []
+        seen: set[int] = set()
+        while len(chosen) < wanted:
+            k = rng.randrange(len(candidates))
+            if k in seen:
+                continue
+            seen.add(k)
+            if candidates[k]["uuid"] != item["uuid"]:
+                chosen.append(candidates[k])
+        return sorted(chosen, key=self.item_key)
+
+    def _random(self, uuid: str, scope: str, neurons: list[Neuron]) -> list[Neuron]:
+        """The random control of a set: seeded by the fact and scope only, so equal sets get equal "
+        "controls."""
+        return random_like(neurons, self.lm.d_ff, f"{self.seed}/random/{uuid}/{scope}/{sorted(neurons)}")
+
+    def plan(self, item: Item) -> tuple[list[Item], list[_Row]]:
+        """The queries (item first, then its unrelated sample) and the rows to evaluate for one item."""
+        assert self.vocab is not None
+        uuid, language = item["uuid"], item["language"]
+        unrelated = self.unrelated_items(item)
+        queries = [item, *unrelated]
+        rows = [_Row(q, -1, -1, -1, CLEAN, -1, [], 1.0) for q in range(len(queries))]
+        factors = {"suppress": 0.0, "enhance": self.enhance_factor, "erase": 0.0}
+        for m, (name, source) in enumerate(self.methods.items()):
+            fact = self.files[name].facts.get(uuid)
+            if fact is None:
+                continue
+            own = fact.neurons(source.neurons, language)
+            if source.neurons == "language":
+                union = list(
+                    dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang])
+                )
+            else:
+                union = own
+            for op_name in self.operations:
+                op = OPERATIONS.index(op_name)
+                selected = union if op_name == "erase" else own
+                if not selected:
+                    continue
+                kinds = [selected]
+                if self.random_control:
+                    scope = "all" if op_name == "erase" or source.neurons != "language" else language
+                    kinds.append(self._random(uuid, scope, selected))
+                for kind, neurons in enumerate(kinds):
+                    rows.append(_Row(0, m, kind, op, RELATED, -1, neurons, factors[op_name]))
+                    for q, other in enumerate(unrelated, start=1):
+                        oid = self._item_id[self.item_key(other)]
+                        rows.append(_Row(q, m, kind, op, UNRELATED, oid, neurons, factors[op_name]))
+            if self.cross_lingual and source.neurons == "language" and own:
+                for source_language in sorted(fact.languages):
+                    if source_language != language and fact.languages[source_language]:
+                        lid = self.vocab.languages.index(source_language)
+                        rows.append(_Row(0, m, 0, 0, CROSS, lid, list(fact.languages[source_language]), 0.0))
+                if fact.language_independent:
+                    rows.append(_Row(0, m, 0, 0, CROSS, LIKN_SOURCE, list(fact.language_independent), 0.0))
+        return queries, rows
+
+    def test_step(self, batch: list[Item], batch_idx: int = 0, dataloader_idx: int = 0) -> None:
+        """Evaluates every item of the batch (each in its own forwards) and adds its rows to the metric."""
+        index: list[list[int]] = []
+        value: list[list[float]] = []
+        for item in batch:
+            iid = self._item_id.get(self.item_key(item))
+            if iid is None:
+                raise RuntimeError(f"item {self.item_key(item)} is not among the data module's items('all')")
+            if not any(item["uuid"] in f.facts for f in self.files.values()):
+                index.append([iid, -1, -1, -1, SKIPPED, -1])
+                value.append([math.nan] * VALUE_COLUMNS)
+                continue
+            queries, rows = self.plan(item)
+            encoded = [self._encode(q) for q in queries]
+            outcome = intervene(
+                self.lm, [(encoded[r.query], r.neurons, r.factor) for r in rows], batch_rows=self.batch_rows
+            )
+            lp, top1 = outcome.log_prob.tolist(), outcome.top1.tolist()
+            # The first rows are the clean ones, one per query in query order: lp[q] is query q's clean value.
+            for r, row in enumerate(rows):
+                if row.role == CLEAN and row.query != 0:
+                    continue
+                index.append([iid, row.method, row.kind, row.op, row.role, row.other])
+                value.append(
+                    [lp[row.query], lp[r], float(top1[row.query]), float(top1[r]), float(len(row.neurons))]
+                )
+        if index:
+            self.rows.update(torch.tensor(index, dtype=torch.long), torch.tensor(value, dtype=torch.float64))
+
+    # -- end
+    # -----------------------------------------------------------------------------------------------------
+
+    def on_test_epoch_end(self) -> None:
+        """Gathers the rows of every process, builds the tables, logs scalars; rank 0 writes the files."""
+        assert self.vocab is not None
+        # An empty update keeps the state's shape on a process that evaluated nothing.
+        self.rows.update(torch.zeros(0, INDEX_COLUMNS, dtype=torch.long), torch.zeros(0, VALUE_COLUMNS))
+        index, value = self.rows.compute()
+        self.rows.reset()
+        results = summarise(index, value, self.vocab)
+        tested = {self.vocab.items[i][0] for i in index[index[:, ROLE] == CLEAN][:, ITEM].tolist()}
+        by_path = {source.path: name for name, source in reversed(list(self.methods.items()))}
+        results["jaccard"] = [
+            row
+            for name, source in self.methods.items()
+            if source.neurons == "language"
+            for row in jaccard_table(name, self.files[name], tested)
+        ]
+        results["layers"] = [
+            {"file": path, "first_method": by_path[path], "kind": kind, "layer": layer, "neurons": n}
+            for path, name in sorted(by_path.items())
+            for kind, counts in layer_distribution(self.files[name]).items()
+            for layer, n in enumerate(counts)
+        ]
+        self.results = results
+        for row in results["success_rate"]:
+            if row["group_by"] == "all":
+                suffix = "" if row["neurons"] == "selected" else "_random"
+                self.log(f"intervention/{row['method']}/sr{suffix}", row["sr"], rank_zero_only=True)
+        for row in results["intervention"]:
+            if row["group_by"] == "all" and row["neurons"] == "selected":
+                self.log(f"intervention/{row['method']}/{row['operation']}/dp_related", row["dp_related"],
+                         rank_zero_only=True)  # fmt: skip
+        if self.trainer.is_global_zero:
+            self.write_tables(results)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that determine the tables (written into ``intervention.json``)."""
+        return {
+            "model": self.model_name,
+            "methods": {name: asdict(source) for name, source in self.methods.items()},
+            "operations": self.operations,
+            "enhance_factor": self.enhance_factor,
+            "unrelated_per_query": self.unrelated_per_query,
+            "random_control": self.random_control,
+            "cross_lingual": self.cross_lingual,
+            "seed": self.seed,
+        }
+
+    def write_tables(self, results: dict[str, Any]) -> None:
+        """Writes ``intervention.json`` (every table and the settings) and one CSV per table."""
+        assert self.out_dir is not None
+        for name in ("intervention", "success_rate", "cross_lingual", "jaccard", "facts", "layers"):
+            write_text_atomically(self.out_dir / f"{name}.csv", csv_text(results[name]))
+        document = {"settings": self.settings(), **{k: _json_safe(v) for k, v in results.items()}}
+        write_text_atomically(
+            self.out_dir / "intervention.json", json.dumps(document, indent=1, ensure_ascii=False) + "\n"
+        )
+        seconds = time.perf_counter() - self._started
+        summary = {
+            "seconds": round(seconds, 3),
+            "world_size": self.trainer.world_size,
+            **results["counts"][0],
+        }
+        write_text_atomically(self.out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        log.info("intervention tables written to %s (%.1f s)", self.out_dir, seconds)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Adds the TensorBoard figures callback when the trainer has none."""
+        from knlight.callbacks.intervention_figures import InterventionFigures
+
+        present = self._trainer.callbacks if self._trainer is not None else []
+        return [] if any(isinstance(c, InterventionFigures) for c in present) else [InterventionFigures()]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV of flat dict rows (columns of the first row; NaN written as ``nan``)."""
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    return out.getvalue()
