@@ -48,7 +48,7 @@ from knlight.data.datamodule import ItemDataset, RMLLamaDataModule, collate_item
 from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
-from knlight.neurons.edits import NeuronEdit, direct_edit, scale_edit
+from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
 from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.tasks.base import BaseTask
 
@@ -68,37 +68,51 @@ EDIT_MEASURES = ("top1", "rank", "p_new", "p_old")
 
 
 def read_fact_neurons(path: str | Path, num_layers: int, d_ff: int) -> dict[str, dict[str, Any]]:
-    """Per-fact neurons from a neuron file: ``{uuid: {"languages": {lang: [[l, i], ...]},
-    "language_independent": [[l, i], ...], ...}}``.
+    """Per-fact neuron sets from a neuron file (format ``knlight-neurons/1``), validated against the model.
 
-    Uses :func:`knlight.neurons.neuron_file.read_neuron_file` (which validates the file) when available, else
-    reads the same JSON layout (``{"facts": {...}}``) and checks every neuron against the model size.
+    Returns:
+        ``{uuid: {"languages": {lang: [(l, i), ...]}, "language_independent": [...], "uncertainty": [...],
+        "degenerate": [...]}}`` (every DKN member once under ``degenerate``).
 
     Raises:
-        FileNotFoundError: No such file.
-        ValueError: A neuron outside the model, or a file without ``facts``.
+        ValueError: Missing or malformed file, a neuron outside the model, a model of another shape.
     """
     try:
-        from knlight.neurons.neuron_file import read_neuron_file  # type: ignore[import-not-found]
-    except ImportError:
-        read_neuron_file = None
-    if read_neuron_file is not None:
-        return dict(read_neuron_file(path, num_layers, d_ff)["facts"])
-    path = Path(path)
+        from knlight.neurons.neuron_file import read_neuron_file
+    except ImportError:  # the reader lives in its own module; this fallback reads the same JSON layout
+        return _read_neuron_json(Path(path), num_layers, d_ff)
+    facts = read_neuron_file(path, num_layers, d_ff).facts
+    return {
+        uuid: {
+            "languages": dict(fact.languages),
+            "language_independent": list(fact.language_independent),
+            "uncertainty": list(fact.uncertainty),
+            "degenerate": fact.degenerate(),
+        }
+        for uuid, fact in facts.items()
+    }
+
+
+def _read_neuron_json(path: Path, num_layers: int, d_ff: int) -> dict[str, dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such neuron file; localize neurons first (knlight predict ...)")
+        raise FileNotFoundError(f"{path}: no such neuron file; select neurons first (python -m knlight.select)")
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("facts"), dict):
         raise ValueError(f"{path}: a neuron file is a JSON object with a 'facts' mapping uuid -> neuron sets")
+    if (data.get("num_layers"), data.get("d_ff")) != (num_layers, d_ff):
+        raise ValueError(f"{path} was selected on a model of another shape than this one ({num_layers}×{d_ff})")
+    out = {}
     for uuid, entry in data["facts"].items():
-        sets = [entry.get("language_independent", []), *entry.get("languages", {}).values()]
-        for layer, index in (n for s in sets for n in s):
-            if not (0 <= layer < num_layers and 0 <= index < d_ff):
-                raise ValueError(
-                    f"{path}: fact {uuid}: neuron ({layer}, {index}) is outside this model ({num_layers} layers × "
-                    f"{d_ff} neurons); was the file made for another model?"
-                )
-    return dict(data["facts"])
+        degenerate = entry.get("degenerate", {})
+        groups = [*degenerate.get("pairs", []), *degenerate.get("sets", [])]
+        out[uuid] = {
+            "languages": {k: [tuple(n) for n in v] for k, v in entry.get("languages", {}).items()},
+            "language_independent": [tuple(n) for n in entry.get("language_independent", [])],
+            "uncertainty": [tuple(n) for n in entry.get("uncertainty", [])],
+            "degenerate": list(dict.fromkeys(tuple(n) for g in groups for n in g)),
+        }
+        check_neurons([n for v in out[uuid].values() if isinstance(v, list) for n in v], num_layers, d_ff, str(path))
+    return out
 
 
 def parse_rule(rule: str) -> tuple[str, str | None]:
@@ -107,13 +121,14 @@ def parse_rule(rule: str) -> tuple[str, str | None]:
     Raises:
         ValueError: For an unknown rule.
     """
-    if rule in ("language_independent", "random", "ffn"):
+    if rule in ("language_independent", "uncertainty", "degenerate", "random", "ffn"):
         return rule, None
     if rule.startswith("language:") and rule.split(":", 1)[1]:
         return "language", rule.split(":", 1)[1]
     raise ValueError(
-        f"neuron_rule={rule!r}: choose language_independent, language:<code> (e.g. language:en), random (same "
-        "count and layers as the language-independent set) or ffn (every neuron of those layers)"
+        f"neuron_rule={rule!r}: choose language_independent, language:<code> (e.g. language:en), uncertainty, "
+        "degenerate, random (same count and layers as the language-independent set) or ffn (every neuron of "
+        "those layers)"
     )
 
 
@@ -129,7 +144,8 @@ def rule_neurons(
     """The neurons one rule selects for one fact.
 
     Args:
-        rule: ``language_independent``, ``language:<code>``, ``random`` or ``ffn``.
+        rule: ``language_independent``, ``language:<code>``, ``uncertainty``, ``degenerate``, ``random`` or
+            ``ffn``.
         entry: The fact's entry of the neuron file (None when there is no file: only ``ffn`` with ``layers``).
         uuid: The fact (seeds ``random``).
         d_ff: Neurons per layer.
@@ -148,8 +164,8 @@ def rule_neurons(
         raise ValueError(
             f"neuron_rule={rule!r} needs a neuron file (model.neurons); only ffn with layers does not"
         )
-    if kind == "language_independent":
-        return independent
+    if kind in ("language_independent", "uncertainty", "degenerate"):
+        return sorted((int(a), int(b)) for a, b in entry.get(kind, []))
     if kind == "language":
         return sorted((int(a), int(b)) for a, b in entry.get("languages", {}).get(language, []))
     # random: as many per layer as the language-independent set, never one of them
@@ -245,7 +261,7 @@ class EditingModule(BaseTask):
         neurons: Neuron file (per fact: language-independent set and per-language sets); may be omitted only
             for ``neuron_rule: ffn`` with ``layers``.
         neuron_rule: Which neurons of each fact: ``language_independent``, ``language:<code>`` (that language's
-            set), ``random`` (as many per layer as the language-independent set, other indices, seeded) or
+            set), ``uncertainty`` (the uncertainty-aware set), ``degenerate`` (every DKN member), ``random`` (as many per layer as the language-independent set, other indices, seeded) or
             ``ffn`` (every neuron of the language-independent set's layers, or of ``layers``).
         layers: Layers for ``neuron_rule: ffn`` (default: the language-independent set's layers).
         edits: Edit requests: a list of ``{uuid, new_object, languages}`` (``new_object`` a string, a
@@ -262,6 +278,11 @@ class EditingModule(BaseTask):
         steps: Optimizer steps per group (one epoch is the whole schedule: use ``trainer.max_epochs: 1``).
         optimizer: Optimizer for the deltas (called with the deltas only), e.g. ``torch.optim.Adam`` with
             ``lr: 0.01``. Weight decay is fine: rows a group does not own are restored after every step.
+        trainable: Which slices learn: ``in_out`` (W_in rows + bias and W_out columns), ``out`` (W_out columns
+            only: the neurons keep firing where they fired, only what they write changes) or ``in``.
+        in_lr_scale: Learning rate of the W_in slices relative to the optimizer's (a second param group). At
+            1.0 Adam tends to switch the old fact's neurons off (GELU/SiLU dead zone) before it rewrites what
+            they write, and the edit gets stuck (measured on planted models); 0.1 avoids it.
         locality_weight: Weight of KL(edited ‖ unedited) on unrelated queries (0 disables it).
         baselines: Training-free methods evaluated beside the edit: ``direct`` (Dai et al.'s W_out update),
             ``suppress`` / ``enhance`` (the facts' neurons ×0 / ×2 at every position) and, in enhance mode,
@@ -294,6 +315,8 @@ class EditingModule(BaseTask):
         edits_per_group: int | None = None,
         steps: int = 30,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        trainable: Literal["in_out", "out", "in"] = "in_out",
+        in_lr_scale: float = 0.1,
         locality_weight: float = 1.0,
         baselines: list[str] | None = None,
         direct_lambda_old: float = 1.0,
@@ -332,6 +355,8 @@ class EditingModule(BaseTask):
         self.edits_per_group = edits_per_group
         self.steps = steps
         self.optimizer_factory = optimizer
+        self.trainable = trainable
+        self.in_lr_scale = in_lr_scale
         self.locality_weight = locality_weight
         self.baselines = list(baselines or [])
         self.direct_lambdas = (direct_lambda_old, direct_lambda_new)
@@ -394,6 +419,11 @@ class EditingModule(BaseTask):
                 neurons = sorted({n for r in self.requests for n in r.neurons})
                 edit = NeuronEdit.for_model(self.lm, neurons, self._provenance())
             self.edit = edit.apply(self.lm)
+            # Slices that are not trained are not parameters the optimizer or DDP sees.
+            self.edit.out_weight.requires_grad_(self.trainable != "in")
+            for param in (self.edit.in_weight, self.edit.in_bias):
+                if param is not None:
+                    param.requires_grad_(self.trainable != "out")
         self.metrics = EditingMetrics(self._metric_names())
 
     def _plan(self) -> None:
@@ -691,13 +721,19 @@ class EditingModule(BaseTask):
         """The injected optimizer over the deltas only."""
         if self.edit is None:
             raise RuntimeError("mode=enhance is training-free: run `knlight validate` or `knlight test`")
-        return self.optimizer_factory(list(self.edit.parameters()))
+        out = [self.edit.out_weight] if self.trainable != "in" else []
+        inp = [p for p in (self.edit.in_weight, self.edit.in_bias) if p is not None] if self.trainable != "out" else []
+        if self.in_lr_scale == 1.0 or not inp or not out:
+            return self.optimizer_factory(out + inp)
+        optimizer = self.optimizer_factory([{"params": out}, {"params": inp}])
+        optimizer.param_groups[1]["lr"] = optimizer.defaults["lr"] * self.in_lr_scale
+        return optimizer
 
     def training_step(self, batch: list[Row], batch_idx: int = 0) -> torch.Tensor:
         """Weighted −log P(new) + locality_weight · KL on the batch's rows (exact global mean under DDP)."""
         assert self.edit is not None
         # Every delta takes part in every step (DDP expects gradients for all of them).
-        loss = sum(p.sum() for p in self.edit.parameters()) * 0.0
+        loss = sum(p.sum() for p in self.edit.parameters() if p.requires_grad) * 0.0
         real = [r for r in batch if r["weight"] > 0]
         if not real:
             return loss
