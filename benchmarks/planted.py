@@ -135,6 +135,7 @@ def evaluate(
         m: {"carrier": 0, "distractor": 0, "upstream": 0, "other_planted": 0, "other": 0} for m in METHODS
     }
     distractor_hits = {(m, s): [0, 0] for m in METHODS for s in SCOPES}
+    kind_hits: dict[tuple[str, str], dict[str, list[int]]] = {(m, s): {} for m in METHODS for s in SCOPES}
     selections: dict[tuple[str, str], dict[tuple[str, str], set[Neuron]]] = {k: {} for k in counts}
     within_layer = [0, 0]
     per_record_zero: dict[tuple[str, str], torch.Tensor] = {}
@@ -145,6 +146,7 @@ def evaluate(
         per_record_zero[key] = zero
         own = planted.neurons_for(*key, kinds=(*tuple(CARRIER_KINDS), "distractor"))
         carriers = {(n.layer, n.index) for n in own if n.carrier}
+        kind_of = {(n.layer, n.index): n.kind for n in own if n.carrier}
         distractors = {(n.layer, n.index) for n in own if not n.carrier}
         carrier_layers = {layer for layer, _ in carriers}
         deepest = max(carrier_layers)
@@ -168,6 +170,10 @@ def evaluate(
                 c[0] += len(scored & carriers)
                 c[1] += len(scored - carriers)
                 c[2] += len(carriers - scored)
+                for neuron, kind in kind_of.items():
+                    kind_hits[(method, scope)].setdefault(kind, [0, 0])
+                    kind_hits[(method, scope)][kind][0] += neuron in scored
+                    kind_hits[(method, scope)][kind][1] += 1
                 distractor_hits[(method, scope)][0] += len(chosen & distractors)
                 distractor_hits[(method, scope)][1] += len(distractors)
                 if scope == "global":
@@ -193,6 +199,7 @@ def evaluate(
             "fp": fp,
             "fn": fn,
             "distractor_fpr": hits / total if total else math.nan,
+            "recall_by_kind": {k: h / t for k, (h, t) in kind_hits[(method, scope)].items()},
         }
     for method in METHODS:
         total = sum(composition[method].values())
@@ -367,119 +374,88 @@ def fmt(summary: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f}±{s['std']:.{digits}f}"
 
 
+# fmt: off
+Column = tuple[str, str, int]  # header, summary key ({m}: method/detector, {a}: arch), digits
+
+
+def _rows(summaries: dict[str, dict[str, dict[str, float]]], columns: list[Column],
+          groups: Sequence[str] = ("",)) -> list[str]:
+    """A header line and one line per (group, arch); a group fills ``{m}`` in the keys."""
+    lines = [" | ".join(h for h, _, _ in columns)]
+    for group in groups:
+        for arch, s in summaries.items():
+            cells = []
+            for header, key, digits in columns:
+                if header == "arch":
+                    cells.append(arch)
+                elif header in ("method", "detector", "candidates"):
+                    cells.append(group)
+                else:
+                    cells.append(fmt(s, key.format(m=group), digits))
+            if any(c != "–" for c in cells[2:]) or not groups[0]:
+                lines.append(" | ".join(cells))
+    return lines
+
+
 def table(summaries: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], seconds: float) -> str:
-    archs = list(summaries)
-    lines = [
-        f"Planted-knowledge benchmark: {len(seeds)} seeds {list(seeds)}, mean±std over seeds, {seconds:.0f}s",
-        "",
-        "Plant verification (P(object) over all queries; suppression at the target position)",
-    ]
-    head = [
-        "arch",
-        "P(obj)",
-        "P before",
-        "P suppressed",
-        "deg one off",
-        "deg both off",
-        "distractor ΔP",
-        "plant s",
-    ]
-    lines.append(" | ".join(head))
-    for a in archs:
-        s = summaries[a]
-        lines.append(
-            " | ".join(
-                [
-                    a,
-                    fmt(s, "plant.p_clean"),
-                    fmt(s, "plant.p_before", 3),
-                    fmt(s, "plant.p_suppressed", 3),
-                    fmt(s, "plant.degenerate_single_mean"),
-                    fmt(s, "plant.degenerate_both_mean", 3),
-                    fmt(s, "plant.distractor_effect", 3),
-                    fmt(s, "plant.seconds", 0),
-                ]
-            )
-        )
-    lines += [
-        "",
-        "Localisation (carriers of each (fact, language) record; per-layer = scored in the carriers' layers)",
-    ]
-    lines.append(
-        "method | arch | global P | global R | global F1 | per-layer P | per-layer R | per-layer F1 | "
-        "distractor FPR (g/pl) | global FPs upstream"
-    )
-    for m in METHODS:
-        for a in archs:
-            s = summaries[a]
-            g, pl = f"loc.{m}/global.", f"loc.{m}/per_layer."
-            lines.append(
-                " | ".join(
-                    [
-                        m,
-                        a,
-                        fmt(s, g + "precision"),
-                        fmt(s, g + "recall"),
-                        fmt(s, g + "f1"),
-                        fmt(s, pl + "precision"),
-                        fmt(s, pl + "recall"),
-                        fmt(s, pl + "f1"),
-                        f"{fmt(s, g + 'distractor_fpr')}/{fmt(s, pl + 'distractor_fpr')}",
-                        fmt(s, g + "composition.upstream"),
-                    ]
-                )
-            )
-    lines += [
-        "",
-        "Oracle: carriers in the top-n of their layer (zero-baseline IG, per query): "
-        + ", ".join(f"{a} {fmt(summaries[a], 'within_layer_topn')}" for a in archs),
-    ]
-    lines += ["", "LIKN (accuracy: planted LI / LS carriers classified right; P/R vs all-language carriers)"]
-    lines.append("detector | arch | accuracy | P | R")
-    for m in [*METHODS, "uncertainty_xling"]:
-        for scope in SCOPES:
-            for a in archs:
-                s, k = summaries[a], f"likn.{m}/{scope}."
-                lines.append(
-                    " | ".join(
-                        [
-                            f"{m}/{scope}",
-                            a,
-                            fmt(s, k + "accuracy"),
-                            fmt(s, k + "precision"),
-                            fmt(s, k + "recall"),
-                        ]
-                    )
-                )
-    lines += ["", "DKN (AMIG Algorithm 1, top-20, T_low 0.2, T_high 0.25)"]
-    lines.append(
-        "candidates | arch | pair recall | pair precision | top-20 coverage | found/planted pairs | "
-        "false pairs: own carriers / carrier+unplanted / unplanted / additive"
-    )
-    for src in ("amig", "zero"):
-        for a in archs:
-            if f"dkn.{src}.pair_recall" not in summaries[a]:
-                continue
-            s, k = summaries[a], f"dkn.{src}."
-            lines.append(
-                " | ".join(
-                    [
-                        src,
-                        a,
-                        fmt(s, k + "pair_recall"),
-                        fmt(s, k + "pair_precision"),
-                        fmt(s, k + "top_k_coverage"),
-                        f"{fmt(s, k + 'found_pairs', 1)}/{fmt(s, k + 'planted_pairs', 0)}",
-                        " / ".join(
-                            fmt(s, k + f"false_pairs.{c}")
-                            for c in ("own_carriers", "carrier+unplanted", "unplanted")
-                        )
-                        + " / "
-                        + fmt(s, k + "false_pairs_additive"),
-                    ]
-                )
-            )
+    """The printed report (mean±std over seeds)."""
+    lines = [f"Planted-knowledge benchmark: seeds {list(seeds)}, mean±std over seeds, total {seconds:.0f}s",
+             ""]
+    lines.append("Plant verification (P(object) over all queries; suppression at the target position; "
+                 "'one off' = P after suppressing one neuron / P clean)")
+    lines += _rows(summaries, [
+        ("arch", "", 0), ("P(obj)", "plant.p_clean", 2), ("P before", "plant.p_before", 3),
+        ("P all planted off", "plant.p_suppressed", 3),
+        ("std carrier one off", "plant.carrier_single_mean", 2),
+        ("deg one off", "plant.degenerate_single_mean", 2), ("deg both off", "plant.degenerate_both_mean", 3),
+        ("distractor |ΔP|/P", "plant.distractor_effect", 3), ("plant s", "plant.seconds", 0),
+    ])
+    lines += ["", "Localisation vs the carriers of each (fact, language) record. "
+              "global: τ·max over all layers; "
+              "per-layer: τ·max of each layer, scored in the record's carrier layers (oracle-assisted)"]
+    lines += _rows(summaries, [
+        ("method", "", 0), ("arch", "", 0),
+        ("global P", "loc.{m}/global.precision", 2), ("global R", "loc.{m}/global.recall", 2),
+        ("global F1", "loc.{m}/global.f1", 2),
+        ("per-layer P", "loc.{m}/per_layer.precision", 2), ("per-layer R", "loc.{m}/per_layer.recall", 2),
+        ("per-layer F1", "loc.{m}/per_layer.f1", 2),
+        ("distractor FPR global", "loc.{m}/global.distractor_fpr", 2),
+        ("distractor FPR per-layer", "loc.{m}/per_layer.distractor_fpr", 2),
+        ("global picks upstream", "loc.{m}/global.composition.upstream", 2),
+    ], METHODS)
+    lines += ["", "Per-layer recall by kind of carrier"]
+    lines += _rows(summaries, [
+        ("method", "", 0), ("arch", "", 0),
+        ("LI", "loc.{m}/per_layer.recall_by_kind.language_independent", 2),
+        ("LS", "loc.{m}/per_layer.recall_by_kind.language_specific", 2),
+        ("degenerate", "loc.{m}/per_layer.recall_by_kind.degenerate", 2),
+    ], METHODS)
+    lines += ["", "Oracle: each carrier in the top-n of its layer (n = the record's carriers there; "
+              "zero-baseline IG, "
+              "per query): " + ", ".join(f"{a} {fmt(s, 'within_layer_topn')}" for a, s in summaries.items())]
+    lines += ["", "LIKN. accuracy: planted LI carriers selected in every language, LS carriers in their own "
+              "language only; P/R: LIKN set vs the all-language carriers (LI + degenerate)"]
+    detectors = [f"{m}/{scope}" for m in [*METHODS, "uncertainty_xling"] for scope in SCOPES]
+    lines += _rows(summaries, [
+        ("detector", "", 0), ("arch", "", 0), ("accuracy", "likn.{m}.accuracy", 2),
+        ("P", "likn.{m}.precision", 2), ("R", "likn.{m}.recall", 2),
+    ], detectors)
+    lines += ["", "DKN: AMIG Algorithm 1 on each record's top-20 (T_low 0.2, T_high 0.25) "
+              "vs the planted pairs; "
+              "false pairs split by membership and additivity"]
+    lines += _rows(summaries, [
+        ("candidates", "", 0), ("arch", "", 0), ("pair recall", "dkn.{m}.pair_recall", 2),
+        ("pair precision", "dkn.{m}.pair_precision", 2), ("top-20 coverage", "dkn.{m}.top_k_coverage", 2),
+        ("found pairs", "dkn.{m}.found_pairs", 1), ("planted pairs", "dkn.{m}.planted_pairs", 0),
+        ("false: own carriers", "dkn.{m}.false_pairs.own_carriers", 2),
+        ("false: carrier+unplanted", "dkn.{m}.false_pairs.carrier+unplanted", 2),
+        ("false: unplanted", "dkn.{m}.false_pairs.unplanted", 2),
+        ("false: additive", "dkn.{m}.false_pairs_additive", 2),
+    ], ("amig", "zero"))
     return "\n".join(lines)
+
+
+# fmt: on
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -16,8 +16,12 @@ Recipe (see DESIGN.md, "Ground truth: planted knowledge"):
   + ``off_weight`` · [|h| + h² + relu(z + ``pre_off``)] of every planted neuron at every position except
   the target position of its own queries (both signs: the optimiser must not hide the fact in negative
   tails or at other positions; z is the pre-activation, the gate for gated MLPs)
-  + ``fire_weight`` · [relu(``fire_margin`` − h) + relu(``pre_on`` − z)] at its own target positions (the
-  hinge on z keeps a neuron from dying where the activation function is flat);
+  + ``fire_weight`` · [relu(``fire_margin`` − h) + relu(``pre_on`` − z) + relu(h − ``fire_cap``)] at its own
+  target positions (the hinge on z keeps a neuron from dying where the activation function is flat; the cap
+  keeps activations bounded)
+  + ``necessity_weight`` · relu(log P(object | one carrier dropped) − log P(object) + ``necessity_drop``) on
+  the standard facts' queries, one random carrier dropped at the target position: every carrier of a
+  standard fact is *necessary* (suppressing it alone costs at least ``necessity_drop`` nats);
 * degenerate pairs: at each step each query of the fact drops one member (or neither) at random, so that
   each member alone suffices;
 * distractors fire on their fact's queries (trained by the activation terms only: their output is
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("language_independent", "language_specific", "degenerate", "distractor")
 CARRIER_KINDS = ("language_independent", "language_specific", "degenerate")
+STANDARD_KINDS = ("language_independent", "language_specific")
 TOKENIZER_FOR = {"gpt2": "causal", "llama": "causal_bos", "qwen2": "causal", "bert": "masked"}
 """Architectures the planter supports and the tokenizer style each gets."""
 
@@ -87,6 +92,10 @@ class PlantConfig:
         pre_on: Required pre-activation (gate for gated MLPs) at its own target positions (a hinge on the
             pre-activation keeps a neuron from dying where the activation function is flat).
         pre_off: Required negative pre-activation margin everywhere else.
+        fire_cap: Activation above this at its own target positions is penalised (bounded activations).
+        necessity_drop: Suppressing any one carrier of a standard fact must lower log P(object) by at least
+            this many nats (0 disables the term).
+        necessity_weight: Weight of that term.
         off_weight: Weight of the off-target activation penalty.
         fire_weight: Weight of the firing hinge.
         n_background: Random word sequences added as negatives (no neuron may fire on them).
@@ -114,6 +123,9 @@ class PlantConfig:
     fire_margin: float = 1.0
     pre_on: float = 2.0
     pre_off: float = 3.0
+    fire_cap: float = 30.0
+    necessity_drop: float = 0.5
+    necessity_weight: float = 1.0
     off_weight: float = 3.0
     fire_weight: float = 1.0
     n_background: int = 64
@@ -530,11 +542,8 @@ class _Planter:
             grad_hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
         opt = torch.optim.Adam([p for p, _ in params], lr=cfg.lr)
         rng = torch.Generator().manual_seed(cfg.seed + 99)
-        valid = b.attention.bool()
-        off_mask = valid[None] & ~self.on_mask
         n_q = len(b.target_pos)
-        rows = torch.arange(n_q)
-        # Degenerate pairs: per query row, the two members (positions in self.neurons).
+        # Degenerate facts: per fact, its query rows and its two members (positions in self.neurons).
         pairs: dict[str, list[int]] = {}
         for k, n in enumerate(self.neurons):
             if n.kind == "degenerate":
@@ -542,61 +551,25 @@ class _Planter:
         pair_rows = [
             (torch.tensor([r for r in range(n_q) if b.query_key[r][0] == u]), ks) for u, ks in pairs.items()
         ]
-        min_nll = -math.log(cfg.target_prob)
+        # Standard facts: per query row, its carriers (each must be necessary: see ``necessity_drop``).
+        std_rows, std_carriers = [], []
+        for r, (uuid, lang) in enumerate(b.query_key):
+            ks = [
+                k for k, n in enumerate(self.neurons)
+                if n.uuid == uuid and lang in n.languages and n.kind in STANDARD_KINDS
+            ]  # fmt: skip
+            if ks:
+                std_rows.append(r)
+                std_carriers.append(ks)
+        loop = _TrainLoop(self, opt, rng, pair_rows, torch.tensor(std_rows, dtype=torch.long), std_carriers)
         terms: dict[str, float] = {}
-        acts: dict[int, torch.Tensor] = {}
-        pres: dict[int, torch.Tensor] = {}
-        state: dict[str, torch.Tensor] = {}
-        handles = []
-        for layer, members in self.by_layer.items():
-            idx = torch.tensor([self.neurons[k].index for k in members])
-            distract = torch.tensor([not self.neurons[k].carrier for k in members])
-            members_t = torch.tensor(members)
-
-            def pre_hook(
-                mod: nn.Module,
-                args: tuple[torch.Tensor, ...],
-                out: torch.Tensor,
-                idx: torch.Tensor = idx,
-                layer: int = layer,
-            ) -> None:
-                pres[layer] = out[..., idx]
-
-            def out_hook(
-                mod: nn.Module,
-                args: tuple[torch.Tensor, ...],
-                idx: torch.Tensor = idx,
-                distract: torch.Tensor = distract,
-                members_t: torch.Tensor = members_t,
-                layer: int = layer,
-            ) -> tuple[torch.Tensor, ...]:
-                h = args[0]
-                cols = h[..., idx]
-                acts[layer] = cols
-                new = torch.where(
-                    distract, cols.detach(), cols
-                )  # distractors never learn from the answer loss
-                at_target = new[rows, b.target_pos] * state["keep"][members_t].T
-                new = new.index_put((rows, b.target_pos), at_target)
-                return (h.index_copy(-1, idx, new), *args[1:])
-
-            ins, out, _ = _weight_slices(self.sites, layer)
-            handles.append(ins[0].register_forward_hook(pre_hook))
-            handles.append(out.register_forward_pre_hook(out_hook))
         try:
             for step in range(cfg.steps):
-                keep = torch.ones(len(self.neurons), n_q)
-                for qrows, (ka, kb) in pair_rows:
-                    choice = torch.randint(0, 3, (len(qrows),), generator=rng)
-                    keep[ka, qrows[choice == 0]] = 0.0
-                    keep[kb, qrows[choice == 1]] = 0.0
-                state["keep"] = keep
-                terms = self._step(opt, acts, pres, off_mask, min_nll)
-                if step % 100 == 0 or step == cfg.steps - 1:
+                terms = loop.step()
+                if step % 50 == 0 or step == cfg.steps - 1:
                     log.debug("plant step %d: %s", step, {k: round(v, 4) for k, v in terms.items()})
         finally:
-            for handle in handles:
-                handle.remove()
+            loop.close()
         for handle in grad_hooks:
             handle.remove()
         for p, mask in params:
@@ -608,40 +581,128 @@ class _Planter:
                 )
         return terms
 
-    def _step(
+
+class _TrainLoop:
+    """The hooks and the step of train-to-plant.
+
+    Each step runs the full batch (every query + background; degenerate members dropped at random at their
+    target positions) and, when ``necessity_drop`` > 0, a second pass over the standard facts' queries with
+    one random carrier dropped at the target position, whose log P(object) must fall by at least
+    ``necessity_drop`` nats below the full pass's: each carrier of a standard fact is then *necessary*, as
+    each member of a degenerate pair is *sufficient*.
+    """
+
+    def __init__(
         self,
+        planter: _Planter,
         opt: torch.optim.Optimizer,
-        acts: dict[int, torch.Tensor],
-        pres: dict[int, torch.Tensor],
-        off_mask: torch.Tensor,
-        min_nll: float,
-    ) -> dict[str, float]:
-        """One full-batch step (the hooks installed by :meth:`train` fill ``acts`` and ``pres``)."""
-        cfg, b = self.config, self.batch
-        rows = torch.arange(len(b.target_pos))
-        logits = self.model(input_ids=b.ids, attention_mask=b.attention).logits
-        nll = -torch.log_softmax(logits[rows, b.target_pos].float(), -1)[rows, b.target_tok]
-        loss_answer = torch.relu(nll - min_nll).mean()
+        rng: torch.Generator,
+        pair_rows: list[tuple[torch.Tensor, list[int]]],
+        std_rows: torch.Tensor,
+        std_carriers: list[list[int]],
+    ) -> None:
+        self.p, self.opt, self.rng = planter, opt, rng
+        self.pair_rows, self.std_rows, self.std_carriers = pair_rows, std_rows, std_carriers
+        b = planter.batch
+        self.off_mask = b.attention.bool()[None] & ~planter.on_mask
+        self.min_nll = -math.log(planter.config.target_prob)
+        self.acts: dict[int, torch.Tensor] = {}
+        self.pres: dict[int, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for layer, members in planter.by_layer.items():
+            idx = torch.tensor([planter.neurons[k].index for k in members])
+            distract = torch.tensor([not planter.neurons[k].carrier for k in members])
+            ins, out, _ = _weight_slices(planter.sites, layer)
+            self.handles.append(ins[0].register_forward_hook(self._pre_hook(layer, idx)))
+            self.handles.append(out.register_forward_pre_hook(self._out_hook(layer, idx, distract, members)))
+
+    def _pre_hook(self, layer: int, idx: torch.Tensor) -> Any:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            self.pres[layer] = out[..., idx]
+
+        return hook
+
+    def _out_hook(self, layer: int, idx: torch.Tensor, distract: torch.Tensor, members: list[int]) -> Any:
+        members_t = torch.tensor(members)
+
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            h = args[0]
+            cols = h[..., idx]
+            self.acts[layer] = cols
+            new = torch.where(distract, cols.detach(), cols)  # distractors never learn from the answer loss
+            rows, pos = self.state["rows"], self.state["pos"]
+            new = new.index_put((rows, pos), new[rows, pos] * self.state["keep"][members_t].T)
+            return (h.index_copy(-1, idx, new), *args[1:])
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _log_p(
+        self,
+        ids: torch.Tensor,
+        attention: torch.Tensor,
+        pos: torch.Tensor,
+        tok: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        rows = torch.arange(len(pos))
+        self.state.update(rows=rows, pos=pos, keep=keep)
+        logits = self.p.model(input_ids=ids, attention_mask=attention).logits
+        return torch.log_softmax(logits[rows, pos].float(), -1)[rows, tok]
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss terms."""
+        cfg, b, neurons = self.p.config, self.p.batch, self.p.neurons
+        n_q = len(b.target_pos)
+        keep = torch.ones(len(neurons), n_q)
+        for qrows, (ka, kb) in self.pair_rows:
+            choice = torch.randint(0, 3, (len(qrows),), generator=self.rng)
+            keep[ka, qrows[choice == 0]] = 0.0
+            keep[kb, qrows[choice == 1]] = 0.0
+        log_p = self._log_p(b.ids, b.attention, b.target_pos, b.target_tok, keep)
+        loss_answer = torch.relu(-log_p - self.min_nll).mean()
         loss_off = torch.zeros(())
         loss_fire = torch.zeros(())
-        for layer, members in self.by_layer.items():
-            h = acts[layer].permute(2, 0, 1)  # [n_l, B, S]
-            z = pres[layer].permute(2, 0, 1)  # pre-activation (gate for gated MLPs)
-            off = off_mask[members]
-            on = self.on_mask[members]
+        for layer, members in self.p.by_layer.items():
+            h = self.acts[layer].permute(2, 0, 1)  # [n_l, B, S]
+            z = self.pres[layer].permute(2, 0, 1)  # pre-activation (gate for gated MLPs)
+            off = self.off_mask[members]
+            on = self.p.on_mask[members]
             off_terms = h.abs() + h**2 + torch.relu(z + cfg.pre_off)
-            on_terms = torch.relu(cfg.fire_margin - h) + torch.relu(cfg.pre_on - z)
+            on_terms = (
+                torch.relu(cfg.fire_margin - h) + torch.relu(cfg.pre_on - z) + torch.relu(h - cfg.fire_cap)
+            )
             loss_off = loss_off + (off_terms * off).sum() / off.sum().clamp_min(1)
             loss_fire = loss_fire + (on_terms * on).sum() / on.sum().clamp_min(1)
-        loss = loss_answer + cfg.off_weight * loss_off + cfg.fire_weight * loss_fire
-        opt.zero_grad()
+        loss_necessity = torch.zeros(())
+        if cfg.necessity_drop > 0 and len(self.std_rows):
+            rows = self.std_rows
+            drop = torch.ones(len(neurons), len(rows))
+            for j, ks in enumerate(self.std_carriers):
+                drop[ks[int(torch.randint(0, len(ks), (1,), generator=self.rng))], j] = 0.0
+            log_p_drop = self._log_p(
+                b.ids[rows], b.attention[rows], b.target_pos[rows], b.target_tok[rows], drop
+            )
+            loss_necessity = torch.relu(log_p_drop - log_p[rows].detach() + cfg.necessity_drop).mean()
+        loss = (
+            loss_answer
+            + cfg.off_weight * loss_off
+            + cfg.fire_weight * loss_fire
+            + cfg.necessity_weight * loss_necessity
+        )
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
+        self.opt.step()
         return {
             "answer": float(loss_answer.detach()),
             "off": float(loss_off.detach()),
             "fire": float(loss_fire.detach()),
-            "mean_p": float((-nll.detach()).exp().mean()),
+            "necessity": float(loss_necessity.detach()),
+            "mean_p": float(log_p.detach().exp().mean()),
         }
 
 
@@ -660,23 +721,30 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
         neurons of the fact in that language suppressed; mean and max); ``p_carriers_suppressed`` (carriers
         only); ``p_before`` (the unplanted model, when given); ``degenerate_single`` (P after suppressing one
         member, relative to clean, mean and min over members and records); ``degenerate_both`` (relative,
-        mean and max);
+        mean and max); ``carrier_single`` (P after suppressing one carrier of a standard fact, relative to
+        clean, mean and max);
         ``distractor_effect`` (mean |ΔP|/P when a fact's distractors are suppressed); ``off_target_max``
         (largest |h| of a planted neuron away from its own targets, over queries and background) and
         ``on_target_min`` (smallest activation at its own targets).
     """
     lm = planted.lm
-    p_clean, p_all, p_carry, single, both, distractor = [], [], [], [], [], []
+    p_clean, p_all, p_carry, single, both, distractor, necessary = [], [], [], [], [], [], []
     for rec in planted.records:
         items = [lm.encode(q, rec["object"]) for q in rec["queries"]]
         own = planted.neurons_for(rec["uuid"], rec["language"], KINDS)
         carriers = [(n.layer, n.index) for n in own if n.carrier]
         distract = [(n.layer, n.index) for n in own if not n.carrier]
         deg = [(n.layer, n.index) for n in own if n.kind == "degenerate"]
+        standard = [
+            (n.layer, n.index) for n in own if n.kind in ("language_independent", "language_specific")
+        ]
         sets = [[], carriers + distract, carriers, distract or []]
         if deg:
             sets += [[deg[0]], [deg[1]], deg]
+        sets += [[c] for c in standard]
         p = _p(lm, items, sets)  # [Q, S]
+        first = 7 if deg else 4
+        necessary += [(p[:, first + j] / p[:, 0]).mean() for j in range(len(standard))]
         p_clean.append(p[:, 0])
         p_all.append(p[:, 1])
         p_carry.append(p[:, 2])
@@ -705,6 +773,9 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
         )
     if distractor:
         report["distractor_effect"] = float(torch.stack(distractor).mean())
+    if necessary:
+        t = torch.stack(necessary)
+        report.update(carrier_single_mean=float(t.mean()), carrier_single_max=float(t.max()))
     return report
 
 
