@@ -184,7 +184,8 @@ class Readout:
         rank: Rank of the candidate's first token among the vocabulary at its target (1 = top prediction;
             ties count in the candidate's favour).
         activation: ``[n]`` activation of each neuron at the target positions (mean over positions).
-        grad_x_act: ``[n]`` activation × ∂ log P(candidate)/∂ activation, summed over target positions.
+        grad_x_act: ``[n]`` activation × ∂ log P(answer token)/∂ activation at that token's target position,
+            summed over the candidate's tokens.
     """
 
     log_prob: float
@@ -203,10 +204,13 @@ def _logits(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readout:
-    """log P, rank, activations and gradient × activation of one encoded claim (one forward + backward).
+    """log P, rank, activations and gradient × activation of one encoded claim (one forward, no IG path).
 
-    Gradients are taken with respect to zero-valued offsets added to each selected layer's activation, so
-    every path from that layer to the output counts (also through the selected layers above it).
+    Gradient × activation follows the IG definition of DESIGN.md at α = 1 (it equals one-step right-Riemann IG
+    from a zero baseline with ``objective="log_prob"``): answer token k is credited through its own target
+    position only, ``Σ_k a_{p_k} · ∂ log P(y_k) / ∂ a_{p_k}`` (one backward per answer token through the
+    same graph). Gradients are taken with respect to zero-valued offsets added to each selected layer's
+    activation, so every path from that layer to the output counts (also through selected layers above it).
 
     Args:
         lm: A :class:`knlight.LanguageModel`.
@@ -218,6 +222,8 @@ def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readou
     ids = torch.tensor([encoded.input_ids], device=device)
     positions = torch.tensor([p for p, _ in encoded.targets], device=device)
     tokens = torch.tensor([t for _, t in encoded.targets], device=device)
+    rows = torch.tensor([layers.index(layer) for layer, _ in neurons], dtype=torch.long)
+    cols = torch.tensor([index for _, index in neurons], dtype=torch.long)
     acts: dict[int, torch.Tensor] = {}
     offsets: dict[int, torch.Tensor] = {}
 
@@ -229,32 +235,29 @@ def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readou
 
         return edit
 
+    gxa = torch.zeros(len(neurons), dtype=torch.float64)
     with ExitStack() as stack, torch.enable_grad():
         for layer in layers:
             stack.enter_context(edit_activations(lm.sites.out_projs[layer], hook(layer)))
         hidden = lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         logits = _logits(lm, hidden[0, positions])
         log_p = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-        total = log_p.sum()
-        grads = torch.autograd.grad(total, [offsets[layer] for layer in layers]) if layers else ()
+        for k, position in enumerate(positions.tolist()):
+            if not neurons:
+                break
+            retain = k + 1 < len(positions)
+            grads = torch.autograd.grad(log_p[k], [offsets[layer] for layer in layers], retain_graph=retain)
+            at = torch.stack([g[0, position] for g in grads]).double().cpu()  # [layers, d_ff]
+            here = torch.stack([acts[layer][0, position] for layer in layers]).double().cpu()
+            gxa += (here * at)[rows, cols]
     rank = 1 + int((logits[0] > logits[0, tokens[0]]).sum())
-    grad_of = dict(zip(layers, grads))
-    act = (
-        torch.stack([acts[layer][0, positions, index].float() for layer, index in neurons])
-        if neurons
-        else None
-    )
-    grad = (
-        torch.stack([grad_of[layer][0, positions, index].float() for layer, index in neurons])
-        if neurons
-        else None
-    )
-    empty = torch.zeros(0)
+    if neurons:
+        at_targets = torch.stack([acts[layer][0, positions] for layer in layers]).float().cpu()  # [L, K, d]
+        activation = at_targets[rows, :, cols].mean(1)
+    else:
+        activation = torch.zeros(0)
     return Readout(
-        log_prob=float(total.detach()),
-        rank=rank,
-        activation=act.mean(1).cpu() if act is not None else empty,
-        grad_x_act=(act * grad).sum(1).cpu() if act is not None and grad is not None else empty,
+        log_prob=float(log_p.sum().detach()), rank=rank, activation=activation, grad_x_act=gxa.float()
     )
 
 

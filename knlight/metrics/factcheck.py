@@ -78,13 +78,18 @@ class ClaimScores(Metric):
             RuntimeError: When two rows of one claim disagree (a claim must be scored identically wherever it
                 is scored).
         """
-        if self.ids:
-            ids, labels = dim_zero_cat(self.ids).cpu(), dim_zero_cat(self.labels).cpu()
-            features = dim_zero_cat(self.features).cpu().reshape(-1, self.num_features)
-        else:
-            ids, labels = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-            features = torch.zeros(0, self.num_features, dtype=torch.float64)
+        # Lists of tensors before a DDP sync, concatenated tensors after it.
+        ids = _cat(self.ids, torch.zeros(0, dtype=torch.long))
+        labels = _cat(self.labels, torch.zeros(0, dtype=torch.long))
+        features = _cat(self.features, torch.zeros(0, self.num_features, dtype=torch.float64))
+        features = features.reshape(-1, self.num_features)
         return deduplicate(ids, labels, features)
+
+
+def _cat(state: list[torch.Tensor] | torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    return dim_zero_cat(state).cpu() if state else empty
 
 
 def deduplicate(
