@@ -109,7 +109,7 @@ def result_table(values: dict[str, tuple[float, int]]) -> list[dict[str, Any]]:
 
 
 def write_table(rows: list[dict[str, Any]], directory: str | Path, stem: str, extra: dict[str, Any]) -> Path:
-    """Write ``<stem>.json`` (``extra`` + ``rows``) and ``<stem>.csv`` into ``directory``; returns the JSON path."""
+    """Write ``<stem>.json`` (``extra`` + ``rows``) and ``<stem>.csv`` in ``directory``; returns the first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()

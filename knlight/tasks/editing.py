@@ -2,31 +2,33 @@
 
 Three modes of one module (MATRICE's three uses of language-agnostic neurons):
 
-* ``edit``: counterfactual editing. Each request replaces a fact's object by a new one; only the chosen neurons'
-  slices (a :class:`~knlight.neurons.edits.NeuronEdit`) are trained on the edit queries of the edit language(s).
-* ``inject``: new-knowledge injection. The facts the unedited model does not know (its true object does not beat
-  the wrong objects) are taught in the edit language(s) and tested in the others.
-* ``enhance``: knowledge enhancement, training-free. The neurons are scaled by ``enhance_factor``; accuracy per
-  language before and after (``knlight validate`` / ``knlight test``).
+* ``edit``: counterfactual editing. Each request replaces a fact's object by a new one; only the chosen
+  neurons' slices (a :class:`~knlight.neurons.edits.NeuronEdit`) are trained on the edit queries of the edit
+  language(s).
+* ``inject``: new-knowledge injection. The facts the unedited model does not know (its true object does not
+  beat the wrong objects) are taught in the edit language(s) and tested in the others.
+* ``enhance``: knowledge enhancement, training-free. The neurons are scaled by ``enhance_factor``; accuracy
+  per language before and after (``knlight validate`` / ``knlight test``).
 
 Rows. The module turns the records of its datamodule (:class:`EditingDataModule`) into rows:
 
-* training rows: one per edit query (the first ``edit_queries`` rephrasings of the fact in each edit language),
-  answer = the new object, each paired with one query of an unrelated fact for the locality term. Training is a
-  fixed schedule: for each group of requests (all at once, or ``edits_per_group`` at a time = sequential
-  editing), ``steps`` global batches, each a random subset (seeded) of the group's rows padded with weight-0 rows
-  to ``batch_size × world_size``. Row weights make the loss the exact mean over each global batch, so a DDP run
-  equals a single-process run with the same global batch (to float rounding).
+* training rows: one per edit query (the first ``edit_queries`` rephrasings of the fact in each edit
+  language), answer = the new object, each paired with one query of an unrelated fact for the locality term.
+  Training is a fixed schedule: for each group of requests (all at once, or ``edits_per_group`` at a time =
+  sequential editing), ``steps`` global batches, each a random subset (seeded) of the group's rows padded with
+  weight-0 rows to ``batch_size × world_size``. Row weights make the loss the exact mean over each global
+  batch, so a DDP run equals a single-process run with the same global batch (to float rounding).
 * evaluation rows (validate and test, identical): every query of every edited fact in every language (roles
   ``reliability``, ``generality_lang``, ``generality_cross``) and every query of the held-out unrelated facts
   (``locality``); in ``enhance`` mode every query of every fact that has neurons (role ``facts``).
 
-Unrelated facts (not edited) are sorted by a hash of their uuid and alternately assigned to the locality-training
-pool (KL term) and the locality-evaluation pool, so the evaluation never measures queries the loss saw.
+Unrelated facts (not edited) are sorted by a hash of their uuid and alternately assigned to the
+locality-training pool (KL term) and the locality-evaluation pool, so the evaluation never measures queries
+the loss saw.
 
-Loss per training row: ``−log P(new object | edit query) + locality_weight · KL(edited ‖ unedited)`` at the
-answer position(s) of its unrelated query; the unedited distribution is computed with the deltas disabled under
-``no_grad``.
+Loss per training row: ``−log P(new object | edit query) + locality_weight · KL(edited ‖ unedited)`` at
+the answer position(s) of its unrelated query; the unedited distribution is computed with the deltas disabled
+under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -95,12 +97,16 @@ def read_fact_neurons(path: str | Path, num_layers: int, d_ff: int) -> dict[str,
 
 def _read_neuron_json(path: Path, num_layers: int, d_ff: int) -> dict[str, dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such neuron file; select neurons first (python -m knlight.select)")
+        raise FileNotFoundError(
+            f"{path}: no such neuron file; select neurons first (python -m knlight.select)"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("facts"), dict):
         raise ValueError(f"{path}: a neuron file is a JSON object with a 'facts' mapping uuid -> neuron sets")
     if (data.get("num_layers"), data.get("d_ff")) != (num_layers, d_ff):
-        raise ValueError(f"{path} was selected on a model of another shape than this one ({num_layers}×{d_ff})")
+        raise ValueError(
+            f"{path} was selected on a model of another shape than this one ({num_layers}×{d_ff})"
+        )
     out = {}
     for uuid, entry in data["facts"].items():
         degenerate = entry.get("degenerate", {})
@@ -111,7 +117,9 @@ def _read_neuron_json(path: Path, num_layers: int, d_ff: int) -> dict[str, dict[
             "uncertainty": [tuple(n) for n in entry.get("uncertainty", [])],
             "degenerate": list(dict.fromkeys(tuple(n) for g in groups for n in g)),
         }
-        check_neurons([n for v in out[uuid].values() if isinstance(v, list) for n in v], num_layers, d_ff, str(path))
+        check_neurons(
+            [n for v in out[uuid].values() if isinstance(v, list) for n in v], num_layers, d_ff, str(path)
+        )
     return out
 
 
@@ -126,9 +134,9 @@ def parse_rule(rule: str) -> tuple[str, str | None]:
     if rule.startswith("language:") and rule.split(":", 1)[1]:
         return "language", rule.split(":", 1)[1]
     raise ValueError(
-        f"neuron_rule={rule!r}: choose language_independent, language:<code> (e.g. language:en), uncertainty, "
-        "degenerate, random (same count and layers as the language-independent set) or ffn (every neuron of "
-        "those layers)"
+        f"neuron_rule={rule!r}: choose language_independent, language:<code> (e.g. language:en), "
+        "uncertainty, degenerate, random (same count and layers as the language-independent set) or ffn "
+        "(every neuron of those layers)"
     )
 
 
@@ -242,7 +250,7 @@ def read_edit_requests(edits: str | Sequence[Mapping[str, Any]]) -> list[dict[st
 
 
 class EditingModule(BaseTask):
-    """Edit, inject or enhance facts through chosen FFN neurons only (``knlight fit`` / ``validate`` / ``test``).
+    """Edit, inject or enhance facts through chosen FFN neurons only (``knlight fit``/``validate``/``test``).
 
     Only the deltas of the chosen neurons' slices (rows of W_in, incl. gate and up, + bias; columns of W_out)
     are parameters the optimizer sees; the base model stays frozen. At the end of ``fit`` the edit is saved as
@@ -260,21 +268,23 @@ class EditingModule(BaseTask):
             (training-free: scale the neurons by ``enhance_factor``; run validate/test).
         neurons: Neuron file (per fact: language-independent set and per-language sets); may be omitted only
             for ``neuron_rule: ffn`` with ``layers``.
-        neuron_rule: Which neurons of each fact: ``language_independent``, ``language:<code>`` (that language's
-            set), ``uncertainty`` (the uncertainty-aware set), ``degenerate`` (every DKN member), ``random`` (as many per layer as the language-independent set, other indices, seeded) or
+        neuron_rule: Which neurons of each fact: ``language_independent``, ``language:<code>`` (that
+            language's set), ``uncertainty`` (the uncertainty-aware set), ``degenerate`` (every DKN member),
+            ``random`` (as many per layer as the language-independent set, other indices, seeded) or
             ``ffn`` (every neuron of the language-independent set's layers, or of ``layers``).
         layers: Layers for ``neuron_rule: ffn`` (default: the language-independent set's layers).
         edits: Edit requests: a list of ``{uuid, new_object, languages}`` (``new_object`` a string, a
-            ``{language: string}`` map, or omitted for the fact's first wrong object), a JSONL file of them, or
+            ``{language: string}`` map, or omitted for the fact's first wrong object), a JSONL file of them,
+            or
             ``derive``: every fact of the datamodule's train split, new object = its first wrong object
             (``inject``: the train-split facts the model does not know, new object = the true one).
         edit_languages: Languages whose queries are trained on (default: the first language of the data).
         edit_queries: Rephrasings per edit language used for training (the first ones); the others measure
             same-language generality. None trains on all of them.
         max_edits: At most this many requests (a seeded choice); None keeps all.
-        edits_per_group: None edits all facts at once (batched); k edits k facts at a time, one group after the
-            other, each its own fine-tune (fresh optimizer state, only the group's neurons move), the deltas
-            accumulating (sequential editing with k = 1).
+        edits_per_group: None edits all facts at once (batched); k edits k facts at a time, one group after
+            the other, each its own fine-tune (fresh optimizer state, only the group's neurons move), the
+            deltas accumulating (sequential editing with k = 1).
         steps: Optimizer steps per group (one epoch is the whole schedule: use ``trainer.max_epochs: 1``).
         optimizer: Optimizer for the deltas (called with the deltas only), e.g. ``torch.optim.Adam`` with
             ``lr: 0.01``. Weight decay is fine: rows a group does not own are restored after every step.
@@ -308,7 +318,7 @@ class EditingModule(BaseTask):
         neurons: str | None = None,
         neuron_rule: str = "language_independent",
         layers: list[int] | None = None,
-        edits: str | list[dict[str, Any]] = "derive",
+        edits: list[dict[str, Any]] | str = "derive",
         edit_languages: list[str] | None = None,
         edit_queries: int | None = 1,
         max_edits: int | None = None,
@@ -335,8 +345,9 @@ class EditingModule(BaseTask):
         unknown = sorted(set(baselines or []) - set(BASELINES))
         if unknown:
             raise ValueError(f"baselines {unknown}: choose among {', '.join(BASELINES)}")
-        for name, value in (("steps", steps), ("edit_queries", edit_queries), ("edits_per_group", edits_per_group),
-                            ("max_edits", max_edits), ("eval_chunk", eval_chunk)):  # fmt: skip
+        counts = {"steps": steps, "edit_queries": edit_queries, "edits_per_group": edits_per_group,
+                  "max_edits": max_edits, "eval_chunk": eval_chunk}  # fmt: skip
+        for name, value in counts.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: give a positive number")
         if neurons is None and not (neuron_rule == "ffn" and layers):
@@ -400,8 +411,8 @@ class EditingModule(BaseTask):
             data = self._data()
             if data is None or not hasattr(data, "records"):
                 raise RuntimeError(
-                    "EditingModule needs an RML-LAMA datamodule (data: knlight.tasks.editing.EditingDataModule) "
-                    "or records given with use_records()"
+                    "EditingModule needs an RML-LAMA datamodule (data: "
+                    "knlight.tasks.editing.EditingDataModule) or records given with use_records()"
                 )
             self._records = list(data.records())
         return self._records
@@ -618,7 +629,7 @@ class EditingModule(BaseTask):
     # rows served by EditingDataModule
 
     def rows(self, stage: str) -> list[Row]:
-        """Rows for a stage: ``train`` (the schedule) or ``val`` / ``test`` (evaluation, padded to the world size)."""
+        """Rows of a stage: ``train`` (the schedule) or ``val``/``test`` (evaluation rows, padded)."""
         world = self._trainer.world_size if self._trainer is not None else 1
         if stage == "train":
             if self.mode == "enhance":
@@ -669,7 +680,7 @@ class EditingModule(BaseTask):
         return self._encoded[key]
 
     def target_log_probs(self, encoded: Sequence[EncodedQuery]) -> list[torch.Tensor]:
-        """Per sequence, ``[answer tokens, vocab]`` log-probabilities at its target positions (one forward)."""
+        """Per sequence, ``[answer tokens, vocab]`` log-probabilities at its target positions (one pass)."""
         lm = self.lm
         device = lm.device
         width = max(len(e.input_ids) for e in encoded)
@@ -691,7 +702,8 @@ class EditingModule(BaseTask):
         return log_probs[torch.arange(len(tokens), device=log_probs.device), tokens].sum()
 
     def _score(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
-        """Per row: ``lp_target``, ``first`` (log-probs at the first answer position), ``first_token``, ``lp_comp``."""
+        """Per row: ``lp_target``, ``first`` (log-probs at the first answer position), ``first_token``,
+        ``lp_comp``."""
         sequences: list[tuple[int, int, EncodedQuery]] = []
         for r, row in enumerate(rows):
             sequences.append((r, -1, self.encode(row["query"], row["target"])))
@@ -722,7 +734,11 @@ class EditingModule(BaseTask):
         if self.edit is None:
             raise RuntimeError("mode=enhance is training-free: run `knlight validate` or `knlight test`")
         out = [self.edit.out_weight] if self.trainable != "in" else []
-        inp = [p for p in (self.edit.in_weight, self.edit.in_bias) if p is not None] if self.trainable != "out" else []
+        inp = (
+            [p for p in (self.edit.in_weight, self.edit.in_bias) if p is not None]
+            if self.trainable != "out"
+            else []
+        )
         if self.in_lr_scale == 1.0 or not inp or not out:
             return self.optimizer_factory(out + inp)
         optimizer = self.optimizer_factory([{"params": out}, {"params": inp}])
@@ -988,10 +1004,10 @@ _HEADLINE = ("reliability/rank", "generality_cross/rank", "locality/top1", "fact
 class EditingDataModule(RMLLamaDataModule):
     """An RML-LAMA records file served as the rows of an :class:`EditingModule`.
 
-    Same arguments as :class:`~knlight.data.datamodule.RMLLamaDataModule` (which facts, languages and relations
-    are selected; ``split_fractions`` and ``seed`` decide the train split that ``edits: derive`` edits;
-    ``batch_size`` is the per-process batch). The rows themselves come from the module: the training schedule and
-    the evaluation rows (identical for validate and test).
+    Same arguments as :class:`~knlight.data.datamodule.RMLLamaDataModule` (which facts, languages and
+    relations are selected; ``split_fractions`` and ``seed`` decide the train split that ``edits: derive``
+    edits; ``batch_size`` is the per-process batch). The rows themselves come from the module: the training
+    schedule and the evaluation rows (identical for validate and test).
     """
 
     def _task(self) -> EditingModule:
