@@ -505,7 +505,11 @@ def run_selection(
     for name, values in stats.items():
         empty = sum(v == 0 for v in values)
         log.info(
-            "%s: %.2f neurons on average, %d of %d empty", name, sum(values) / len(values), empty, len(values)
+            "%s: %.2f per fact (language) on average, %d of %d empty",
+            name,
+            sum(values) / len(values),
+            empty,
+            len(values),
         )
     if output is not None:
         write_neuron_file(output, result)

@@ -72,9 +72,16 @@ class InterventionRows(Metric):
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of every process, one per key (the first), sorted by key."""
-        index = dim_zero_cat(self.index) if self.index else torch.zeros(0, INDEX_COLUMNS, dtype=torch.long)
-        value = dim_zero_cat(self.value) if self.value else torch.zeros(0, VALUE_COLUMNS, dtype=torch.float64)
+        # After a DDP sync the states are already concatenated tensors; before, lists of tensors.
+        index = _cat(self.index, torch.zeros(0, INDEX_COLUMNS, dtype=torch.long))
+        value = _cat(self.value, torch.zeros(0, VALUE_COLUMNS, dtype=torch.float64))
         return deduplicate(index.reshape(-1, INDEX_COLUMNS), value.reshape(-1, VALUE_COLUMNS))
+
+
+def _cat(state: list[torch.Tensor] | torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    if isinstance(state, list):
+        return dim_zero_cat(state) if state else empty
+    return state
 
 
 def deduplicate(index: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
