@@ -93,7 +93,9 @@ def test_table_agrees_with_the_per_claim_scores(tested: Path) -> None:
         d = row["detector"]
         scores = torch.tensor([float(r[f"score_{d}"]) for r in rows], dtype=torch.float64)
         again = binary_metrics(scores, labels, doc["thresholds"][d])
-        assert {k: again[k] for k in ("tp", "fp", "fn", "tn")} == {k: row[k] for k in ("tp", "fp", "fn", "tn")}
+        assert {k: again[k] for k in ("tp", "fp", "fn", "tn")} == {
+            k: row[k] for k in ("tp", "fp", "fn", "tn")
+        }
         flagged = [int(r[f"flagged_{d}"]) for r in rows]
         assert sum(f and y == FALSE_CLAIM for f, y in zip(flagged, labels.tolist())) == row["tp"]
         if row["tp"] + row["fp"]:
@@ -111,7 +113,9 @@ def test_test_thresholds_are_the_validation_optimum(tested: Path, validated: Pat
     labels = torch.tensor([int(r["label"]) for r in val_rows])
     for d in DETECTORS:
         scores = torch.tensor([float(r[f"score_{d}"]) for r in val_rows], dtype=torch.float64)
-        assert test_doc["thresholds"][d] == pytest.approx(choose_threshold(scores, labels), rel=1e-9, abs=1e-12)
+        assert test_doc["thresholds"][d] == pytest.approx(
+            choose_threshold(scores, labels), rel=1e-9, abs=1e-12
+        )
         assert val_doc["thresholds"][d] == test_doc["thresholds"][d]
     assert test_doc["lambda_amig"] == -test_doc["thresholds"]["amig"]
 
@@ -120,7 +124,9 @@ def test_tensorboard_has_pr_and_roc_images_and_scalars(tested: Path, validated: 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for root, split in ((tested, "test"), (validated, "val")):
-        events = EventAccumulator(str(out_dir(root, split).parents[1]), size_guidance={"images": 0, "scalars": 0})
+        events = EventAccumulator(
+            str(out_dir(root, split).parents[1]), size_guidance={"images": 0, "scalars": 0}
+        )
         events.Reload()
         tags = events.Tags()
         assert {f"factcheck/{split}/pr_curve", f"factcheck/{split}/roc_curve"} <= set(tags["images"])

@@ -59,7 +59,12 @@ def test_split_by_uuid_keeps_every_claim_of_a_fact_together() -> None:
     parts = split_claims(claims, records, (0.5, 0.25, 0.25), seed=5)
     assert sum(len(p) for p in parts.values()) == len(claims)
     uuids = {name: {c.uuid for c in part} for name, part in parts.items()}
-    assert uuids["train"] & uuids["val"] == uuids["train"] & uuids["test"] == uuids["val"] & uuids["test"] == set()
+    assert (
+        uuids["train"] & uuids["val"]
+        == uuids["train"] & uuids["test"]
+        == uuids["val"] & uuids["test"]
+        == set()
+    )
     assert [len(uuids[n]) for n in ("train", "val", "test")] == [2, 1, 1]  # the tiny config's split
 
 

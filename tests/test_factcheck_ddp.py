@@ -1,4 +1,4 @@
-"""Fact-checking under DDP with 2 CPU processes (CLI in a subprocess) == one process, despite sampler padding."""
+"""Fact-checking under DDP with 2 CPU processes (CLI in a subprocess) == one process, despite padding."""
 
 from __future__ import annotations
 

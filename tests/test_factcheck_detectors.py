@@ -1,4 +1,4 @@
-"""Detectors: gradient × activation equals one-step IG, relation-set rule and fallbacks, logistic regression."""
+"""Detectors: gradient × activation == one-step IG, relation-set rule and fallbacks, logistic regression."""
 
 from __future__ import annotations
 

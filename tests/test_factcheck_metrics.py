@@ -1,4 +1,4 @@
-"""Fact-checking metrics: the positive class is "claim is false", thresholds, de-duplication, AUROC on ranks."""
+"""Fact-checking metrics: positive class "claim is false", thresholds, de-duplication, AUROC on ranks."""
 
 from __future__ import annotations
 
@@ -96,7 +96,11 @@ def test_results_table_groups() -> None:
     scores, labels = hand_made()
     languages = ["en", "de"] * 4
     rows = results_table("test", {"prob": scores}, labels, {"prob": 0.5}, {"language": languages})
-    assert [(r["group_by"], r["group"]) for r in rows] == [("all", "all"), ("language", "de"), ("language", "en")]
+    assert [(r["group_by"], r["group"]) for r in rows] == [
+        ("all", "all"),
+        ("language", "de"),
+        ("language", "en"),
+    ]
     assert sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 8
     assert sum(r["tp"] for r in rows[1:]) == rows[0]["tp"] == 3
     assert all(r["positive"] == "false claim" for r in rows)
