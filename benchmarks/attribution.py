@@ -34,6 +34,8 @@ PROMPTS = [
 SHAPES = {
     "bert": dict(vocab=119_547, layers=12, hidden=768, ff=3072, heads=12),
     "gpt2": dict(vocab=50_257, layers=12, hidden=768, ff=3072, heads=12),
+    # Real Gemma 3 270M weights (extra `gemma`); EleutherAI's package does not support it.
+    "gemma": dict(vocab=262_144, layers=18, hidden=640, ff=2048, heads=4),
 }
 STEPS = 20
 
@@ -44,6 +46,10 @@ def build(model: str):
     from knlight import LanguageModel
     from knlight.tiny import TOKENIZER_KIND, tiny_config, tiny_tokenizer
 
+    if model == "gemma":
+        from knlight import load_lm
+
+        return load_lm("gemma3-270m")
     shape = SHAPES[model]
     tokenizer = tiny_tokenizer(TOKENIZER_KIND[model])
     config = tiny_config(
@@ -90,13 +96,16 @@ def flops(model: str, engine: str, seq_len: int) -> float:
     """Analytic FLOPs per prompt (multiply-add = 2 FLOPs; attention included; one answer token)."""
     sh = SHAPES[model]
     L, d, f, V, m, S = sh["layers"], sh["hidden"], sh["ff"], sh["vocab"], STEPS, seq_len
-    per_token_layer = 2 * (4 * d * d + 2 * d * f) + 4 * S * d
+    # Gemma: gated MLP (3 matrices), grouped-query attention with head_dim 256 (q/o 4 heads, k/v 1 head).
+    mlp = 3 * d * f if model == "gemma" else 2 * d * f
+    attn = 2 * d * 4 * 256 + 2 * d * 256 if model == "gemma" else 4 * d * d
+    per_token_layer = 2 * (attn + mlp) + 4 * S * d
     head = 2 * d * V + (2 * d * d if model == "bert" else 0)
     total = 0.0
     for layer in range(L):
         above = L - layer
         if engine == "fast":
-            tokens = 1 if model == "gpt2" else S  # causal rows are single tokens against the clean KV cache
+            tokens = S if model == "bert" else 1  # causal rows are single tokens against the clean KV cache
             fwd = m * (tokens * above * per_token_layer + head)
             total += fwd * 2  # backward w.r.t. activations only ≈ 1× forward
         else:
@@ -111,6 +120,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2", "bert"], choices=sorted(SHAPES))
     parser.add_argument("--engines", nargs="+", default=["fast", "reference", "eleuther"])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per model (max 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     parser.add_argument("--out", default="benchmarks/results/attribution.json")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL", "ENGINE", "N", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,6 +133,8 @@ def main() -> None:
         for model in args.models:
             results = {}
             for engine in args.engines:
+                if engine == "eleuther" and model == "gemma":
+                    continue
                 if engine == "eleuther":
                     try:
                         import knowledge_neurons  # noqa: F401
@@ -131,9 +143,10 @@ def main() -> None:
                         continue
                 out = os.path.join(tmp, f"{model}-{engine}.pt")
                 cmd = [sys.executable, __file__, "--worker", model, engine, str(args.prompts), out]
-                subprocess.run(cmd, check=True)
+                env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+                subprocess.run(cmd, check=True, env=env)
                 results[engine] = torch.load(out)
-            slowest = results.get("eleuther", results.get("reference"))
+            slowest = results.get("eleuther")
             for engine, res in results.items():
                 t = sum(res["times"]) / len(res["times"])
                 diff = None
@@ -146,17 +159,20 @@ def main() -> None:
                 rows.append(
                     dict(model=model, engine=engine, s_per_prompt=t, peak_mb=res["peak_mb"],
                          speedup_vs_eleuther=(sum(slowest["times"]) / sum(res["times"])) if slowest else None,
+                         speedup_vs_reference=(sum(results["reference"]["times"]) / sum(res["times"]))
+                         if "reference" in results else None,
                          max_rel_diff_vs_fast=diff, gflop_per_prompt=gflop, gflops_achieved=gflop / t,
                          seq_len=res["seq_lens"], prompts=len(res["times"]))
                 )
-    header = f"{'model':6} {'engine':10} {'s/prompt':>9} {'peak MB':>8} {'speed-up':>9} {'max rel diff':>13} " \
-             f"{'GFLOP/prompt':>13} {'GFLOP/s':>8}"
+    header = f"{'model':6} {'engine':10} {'s/prompt':>9} {'peak MB':>8} {'vs Eleuther':>11} {'vs ref':>7} " \
+             f"{'max rel diff':>13} {'GFLOP/prompt':>13} {'GFLOP/s':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         diff = "-" if r["max_rel_diff_vs_fast"] is None else f"{r['max_rel_diff_vs_fast']:.1e}"
         speed = "-" if r["speedup_vs_eleuther"] is None else f"{r['speedup_vs_eleuther']:.1f}x"
-        print(f"{r['model']:6} {r['engine']:10} {r['s_per_prompt']:9.2f} {r['peak_mb']:8.0f} {speed:>9} {diff:>13} "
+        vs_ref = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.1f}x"
+        print(f"{r['model']:6} {r['engine']:10} {r['s_per_prompt']:9.2f} {r['peak_mb']:8.0f} {speed:>11} {vs_ref:>7} {diff:>13} "
               f"{r['gflop_per_prompt']:13.1f} {r['gflops_achieved']:8.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(steps=STEPS, dtype="float32", device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
