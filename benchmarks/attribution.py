@@ -53,7 +53,12 @@ def build(model: str):
     shape = SHAPES[model]
     tokenizer = tiny_tokenizer(TOKENIZER_KIND[model])
     config = tiny_config(
-        model, shape["vocab"], hidden=shape["hidden"], ff=shape["ff"], layers=shape["layers"], heads=shape["heads"]
+        model,
+        shape["vocab"],
+        hidden=shape["hidden"],
+        ff=shape["ff"],
+        layers=shape["layers"],
+        heads=shape["heads"],
     )
     config.initializer_range = 0.02
     torch.manual_seed(0)
@@ -116,7 +121,9 @@ def flops(model: str, engine: str, seq_len: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["gpt2", "bert"], choices=sorted(SHAPES))
     parser.add_argument("--engines", nargs="+", default=["fast", "reference", "eleuther"])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per model (max 3)")
@@ -139,7 +146,10 @@ def main() -> None:
                     try:
                         import knowledge_neurons  # noqa: F401
                     except ImportError:
-                        print("skipping eleuther: pip install --no-deps knowledge-neurons einops tqdm", file=sys.stderr)
+                        print(
+                            "skipping eleuther: pip install --no-deps knowledge-neurons einops tqdm",
+                            file=sys.stderr,
+                        )
                         continue
                 out = os.path.join(tmp, f"{model}-{engine}.pt")
                 cmd = [sys.executable, __file__, "--worker", model, engine, str(args.prompts), out]
@@ -157,26 +167,46 @@ def main() -> None:
                     )
                 gflop = sum(flops(model, engine, s) for s in res["seq_lens"]) / len(res["seq_lens"]) / 1e9
                 rows.append(
-                    dict(model=model, engine=engine, s_per_prompt=t, peak_mb=res["peak_mb"],
-                         speedup_vs_eleuther=(sum(slowest["times"]) / sum(res["times"])) if slowest else None,
-                         speedup_vs_reference=(sum(results["reference"]["times"]) / sum(res["times"]))
-                         if "reference" in results else None,
-                         max_rel_diff_vs_fast=diff, gflop_per_prompt=gflop, gflops_achieved=gflop / t,
-                         seq_len=res["seq_lens"], prompts=len(res["times"]))
+                    dict(
+                        model=model,
+                        engine=engine,
+                        s_per_prompt=t,
+                        peak_mb=res["peak_mb"],
+                        speedup_vs_eleuther=(sum(slowest["times"]) / sum(res["times"])) if slowest else None,
+                        speedup_vs_reference=(sum(results["reference"]["times"]) / sum(res["times"]))
+                        if "reference" in results
+                        else None,
+                        max_rel_diff_vs_fast=diff,
+                        gflop_per_prompt=gflop,
+                        gflops_achieved=gflop / t,
+                        seq_len=res["seq_lens"],
+                        prompts=len(res["times"]),
+                    )
                 )
-    header = f"{'model':6} {'engine':10} {'s/prompt':>9} {'peak MB':>8} {'vs Eleuther':>11} {'vs ref':>7} " \
-             f"{'max rel diff':>13} {'GFLOP/prompt':>13} {'GFLOP/s':>8}"
+    header = (
+        f"{'model':6} {'engine':10} {'s/prompt':>9} {'peak MB':>8} {'vs Eleuther':>11} {'vs ref':>7} "
+        f"{'max rel diff':>13} {'GFLOP/prompt':>13} {'GFLOP/s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         diff = "-" if r["max_rel_diff_vs_fast"] is None else f"{r['max_rel_diff_vs_fast']:.1e}"
         speed = "-" if r["speedup_vs_eleuther"] is None else f"{r['speedup_vs_eleuther']:.1f}x"
         vs_ref = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.1f}x"
-        print(f"{r['model']:6} {r['engine']:10} {r['s_per_prompt']:9.2f} {r['peak_mb']:8.0f} {speed:>11} {vs_ref:>7} {diff:>13} "
-              f"{r['gflop_per_prompt']:13.1f} {r['gflops_achieved']:8.1f}")
+        print(
+            f"{r['model']:6} {r['engine']:10} {r['s_per_prompt']:9.2f} {r['peak_mb']:8.0f} {speed:>11} {vs_ref:>7} "
+            f"{diff:>13} "
+            f"{r['gflop_per_prompt']:13.1f} {r['gflops_achieved']:8.1f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(steps=STEPS, dtype="float32", device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
-                note="speed-up = EleutherAI time / engine time on the same prompts; diff = max|x-fast|/max|fast|")
+    meta = dict(
+        steps=STEPS,
+        dtype="float32",
+        device="cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        note="speed-up = EleutherAI time / engine time on the same prompts; diff = max|x-fast|/max|fast|",
+    )
     tmp_out = args.out + ".tmp"
     with open(tmp_out, "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)

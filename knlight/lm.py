@@ -18,13 +18,19 @@ from transformers import (
 )
 
 from knlight.neurons.prompts import EncodedQuery, encode_query
-from knlight.real_models import NAMED_MODELS, model_folder
 from knlight.neurons.sites import NeuronSites, resolve_sites, spec_for
+from knlight.real_models import NAMED_MODELS, model_folder
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -78,7 +84,9 @@ class LanguageModel:
         """Token that replaces a word for the AMIG baseline: [MASK] (masked LMs) or EOS (causal LMs)."""
         token = self.tokenizer.mask_token_id if self.masked else self.tokenizer.eos_token_id
         if token is None:
-            raise ValueError(f"tokenizer {type(self.tokenizer).__name__} has no {'mask' if self.masked else 'EOS'} token")
+            raise ValueError(
+                f"tokenizer {type(self.tokenizer).__name__} has no {'mask' if self.masked else 'EOS'} token"
+            )
         return int(token)
 
     @property
@@ -121,7 +129,9 @@ def load_lm(
     if isinstance(model_or_name_or_path, PreTrainedModel):
         model = model_or_name_or_path
         if tokenizer is None:
-            raise ValueError("pass the tokenizer along with an already loaded model: load_lm(model, tokenizer)")
+            raise ValueError(
+                "pass the tokenizer along with an already loaded model: load_lm(model, tokenizer)"
+            )
     else:
         source = str(model_or_name_or_path)
         if source.endswith(".gguf") and gguf_file is None:
@@ -135,7 +145,9 @@ def load_lm(
         if tokenizer is None:
             tokenizer = source
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tok_kwargs = {"gguf_file": gguf_file} if gguf_file and str(tokenizer) == str(Path(str(tokenizer))) else {}
+        tok_kwargs = (
+            {"gguf_file": gguf_file} if gguf_file and str(tokenizer) == str(Path(str(tokenizer))) else {}
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **tok_kwargs)
     if torch_dtype is not None:
         model = model.to(torch_dtype)

@@ -55,7 +55,9 @@ def summarize(path: str | Path, p: float = 0.5, top: int = 3) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("path")
     parser.add_argument("--p", type=float, default=0.5, help="prompt-sharing fraction per language")
     parser.add_argument("--top", type=int, default=3, help="neurons shown per fact and language")

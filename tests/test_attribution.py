@@ -39,7 +39,9 @@ def test_items_exercise_multi_token_answers_and_padding() -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize(("baseline", "aggregation"), [("zero", "paper"), ("amig", "paper"), ("amig", "code")])
+@pytest.mark.parametrize(
+    ("baseline", "aggregation"), [("zero", "paper"), ("amig", "paper"), ("amig", "code")]
+)
 def test_fast_equals_reference(arch: str, baseline: str, aggregation: str) -> None:
     lm = tiny(arch)
     for quad in QUADRATURES:
@@ -94,7 +96,9 @@ def test_quadrature_rules() -> None:
         # ∫0^1 x dx = 1/2: exact for all but the right Riemann sum, which gives (m+1)/(2m).
         expected = 8 / 14 if name == "riemann_right" else 0.5
         assert torch.isclose((weights * alphas).sum(), torch.tensor(expected, dtype=torch.float64))
-    assert torch.allclose(quadrature("riemann_right", 4)[0], torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    assert torch.allclose(
+        quadrature("riemann_right", 4)[0], torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    )
     assert quadrature("eleuther", 5)[0][0] == 0 and quadrature("eleuther", 5)[0][-1] == 1
 
 
@@ -104,7 +108,11 @@ def test_quadrature_rules() -> None:
 @pytest.mark.parametrize("arch", ["gpt2", "bert", "llama"])
 @pytest.mark.parametrize(
     ("ours", "captum_method"),
-    [("riemann_right", "riemann_right"), ("trapezoid", "riemann_trapezoid"), ("gauss_legendre", "gausslegendre")],
+    [
+        ("riemann_right", "riemann_right"),
+        ("trapezoid", "riemann_trapezoid"),
+        ("gauss_legendre", "gausslegendre"),
+    ],
 )
 def test_reference_equals_captum_layer_integrated_gradients(arch: str, ours: str, captum_method: str) -> None:
     captum_attr = pytest.importorskip("captum.attr")
@@ -118,8 +126,12 @@ def test_reference_equals_captum_layer_integrated_gradients(arch: str, ours: str
     baseline = torch.randn_like(a_bar) * a_bar.abs().mean()  # a non-zero baseline (as AMIG uses)
 
     problems = Problems(
-        seq=torch.tensor([0]), position=torch.tensor([pos]), token=torch.tensor([token]),
-        layer=torch.tensor([layer]), base=baseline[None], diff=(a_bar - baseline)[None],
+        seq=torch.tensor([0]),
+        position=torch.tensor([pos]),
+        token=torch.tensor([token]),
+        layer=torch.tensor([layer]),
+        base=baseline[None],
+        diff=(a_bar - baseline)[None],
     )
     alphas, weights = quadrature(ours, steps)
     grad_sum, _ = engine.integrate(problems, alphas, weights, "prob", need_f0=False)
@@ -144,8 +156,12 @@ def test_reference_equals_captum_layer_integrated_gradients(arch: str, ours: str
 
     lig = captum_attr.LayerIntegratedGradients(forward, probe, multiply_by_inputs=True)
     theirs = lig.attribute(
-        torch.ones(1, 1), baselines=torch.zeros(1, 1), n_steps=steps, method=captum_method,
-        attribute_to_layer_input=False, internal_batch_size=steps,
+        torch.ones(1, 1),
+        baselines=torch.zeros(1, 1),
+        n_steps=steps,
+        method=captum_method,
+        attribute_to_layer_input=False,
+        internal_batch_size=steps,
     )[0]
     if ours == "trapezoid":
         # captum's riemann_trapezoid uses step 1/m with halved ends (weights sum to (m-1)/m); the true
@@ -159,8 +175,12 @@ def test_bert_scores_equal_eleutherai_knowledge_neurons() -> None:
     lm = tiny("bert")
     prompts = [("The capital of France is [Y].", "Paris"), ("Berlin is located in [Y].", "Germany")]
     for query, answer in prompts:
-        assert len(lm.encode(query, answer).targets) == 1  # EleutherAI supports single-token BERT targets only
+        assert (
+            len(lm.encode(query, answer).targets) == 1
+        )  # EleutherAI supports single-token BERT targets only
         engine = kn.KnowledgeNeurons(lm.model, lm.tokenizer, model_type="bert", device="cpu")
-        theirs = engine.get_scores(query.replace("[Y]", "[MASK]"), answer, batch_size=10, steps=20, pbar=False)
+        theirs = engine.get_scores(
+            query.replace("[Y]", "[MASK]"), answer, batch_size=10, steps=20, pbar=False
+        )
         ours = attribute(lm, query, answer, steps=20, quadrature="eleuther")
         assert rel_diff(ours, theirs) <= 1e-4

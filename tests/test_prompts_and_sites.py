@@ -46,13 +46,15 @@ def test_masked_fills_one_mask_per_answer_token_and_never_targets_specials() -> 
     assert all(p not in (0, len(ids) - 1) for p, _ in enc.targets)
     multi = lm.encode("Marie Curie was a [Y].", "physicist and chemist")
     assert len(multi.targets) == len(tok("physicist and chemist", add_special_tokens=False)["input_ids"])
-    assert all(p not in {q for w in multi.words for q in w} for p, _ in multi.targets)  # answer is no AMIG word
+    assert all(
+        p not in {q for w in multi.words for q in w} for p, _ in multi.targets
+    )  # answer is no AMIG word
 
 
 def test_bpe_leading_space_is_part_of_the_answer_token() -> None:
     lm = tiny("gpt2")
     enc = lm.encode("The capital of France is [Y].", "Paris")
-    (pos, token), = enc.targets
+    ((pos, token),) = enc.targets
     assert lm.tokenizer.convert_ids_to_tokens([token]) == ["ĠParis"]
     assert pos == len(enc.input_ids) - 1
 
@@ -64,7 +66,10 @@ def test_sites_are_inputs_of_the_ffn_output_projection(arch: str) -> None:
     store: dict[int, torch.Tensor] = {}
     pre: dict[int, torch.Tensor] = {}
     in_projs = lm.sites.in_projs[0]
-    hooks = [m.register_forward_hook(lambda mod, a, out, k=k: pre.__setitem__(k, out)) for k, m in enumerate(in_projs)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out, k=k: pre.__setitem__(k, out))
+        for k, m in enumerate(in_projs)
+    ]
     ids = torch.tensor([lm.encode("The capital of France is [Y].", "Paris").input_ids])
     with torch.no_grad(), capture_activations(lm.sites.out_projs, store):
         lm.model(input_ids=ids)
@@ -103,5 +108,5 @@ def test_bad_queries_raise_clear_errors() -> None:
 
 def test_unsupported_architecture_names_the_registry() -> None:
     model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1))
-    with pytest.raises(UnsupportedModelError, match="knlight.neurons.sites.REGISTRY"):
+    with pytest.raises(UnsupportedModelError, match=r"knlight\.neurons\.sites\.REGISTRY"):
         load_lm(model, tiny("gpt2").tokenizer)

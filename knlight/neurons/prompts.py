@@ -68,7 +68,9 @@ def encode_query(
     if not masked:
         suffix = ""
     elif mask_token_id is None:
-        raise QueryError("the tokenizer has no mask token, but the model is a masked LM; pass its real tokenizer")
+        raise QueryError(
+            "the tokenizer has no mask token, but the model is a masked LM; pass its real tokenizer"
+        )
     ids, answer_pos, special, word_ids = _tokenize_in_context(tokenizer, prefix, answer, suffix)
     if not answer_pos:
         raise QueryError(f"answer {answer!r} of query {query!r} tokenises to nothing")
@@ -116,7 +118,9 @@ def _tokenize_in_context(
         if not straddles and contiguous:
             return ids, answer_pos, special, list(enc.word_ids())
     # Fallback: tokenise the three pieces separately and join them with the tokenizer's special tokens.
-    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in (prefix, answer, suffix)]
+    pieces = [
+        tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in (prefix, answer, suffix)
+    ]
     body = [*pieces[0], *pieces[1], *pieces[2]]
     ids = list(tokenizer.build_inputs_with_special_tokens(body))
     special = [bool(s) for s in tokenizer.get_special_tokens_mask(body, already_has_special_tokens=False)]

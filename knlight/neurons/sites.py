@@ -75,7 +75,9 @@ REGISTRY: list[ArchitectureSpec] = [
         final_norm=("transformer.ln_f", "ln_f"),
         conv1d=True,
     ),
-    ArchitectureSpec(model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), **_GATED),  # type: ignore[arg-type]
+    ArchitectureSpec(
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), **_GATED
+    ),  # type: ignore[arg-type]
     ArchitectureSpec(
         model_types=("bloom",),
         masked=False,
