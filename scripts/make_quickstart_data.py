@@ -2,8 +2,9 @@
 
 Capitals (mParaRel P36) of well-known countries (the list below, matched on the English subject label) in
 English, German and Japanese, built by knlight's own builder, then kept only where Gemma 3 270M knows the fact:
-a query is kept when the answer's first token is among the model's top-3 next tokens; a fact is kept when it keeps at least one query in every language. The first 5 such facts (by uuid)
-with at most 2 queries per language are written. Needs the ``gemma`` extra and ``../shared/data``.
+a query is kept when the answer's first token is among the model's top-3 next tokens; a fact is kept when it
+keeps at least one query in every language. The first 5 such facts (by uuid) with at most 2 queries per
+language are written. Needs the ``gemma`` extra and ``../shared/data``.
 
     python scripts/make_quickstart_data.py
 """
