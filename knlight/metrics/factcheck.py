@@ -50,6 +50,10 @@ class ClaimScores(Metric):
     """
 
     full_state_update = False
+    # Lists of tensors before a DDP sync, one concatenated tensor after it.
+    ids: list[torch.Tensor] | torch.Tensor
+    labels: list[torch.Tensor] | torch.Tensor
+    features: list[torch.Tensor] | torch.Tensor
 
     def __init__(self, num_features: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,6 +71,8 @@ class ClaimScores(Metric):
                 f"rows must be [n], [n], [n, {self.num_features}]; got {tuple(ids.shape)}, "
                 f"{tuple(labels.shape)}, {tuple(features.shape)}"
             )
+        assert isinstance(self.ids, list) and isinstance(self.labels, list)
+        assert isinstance(self.features, list)
         self.ids.append(ids.long())
         self.labels.append(labels.long())
         self.features.append(features.double())
@@ -78,7 +84,6 @@ class ClaimScores(Metric):
             RuntimeError: When two rows of one claim disagree (a claim must be scored identically wherever it
                 is scored).
         """
-        # Lists of tensors before a DDP sync, concatenated tensors after it.
         ids = _cat(self.ids, torch.zeros(0, dtype=torch.long))
         labels = _cat(self.labels, torch.zeros(0, dtype=torch.long))
         features = _cat(self.features, torch.zeros(0, self.num_features, dtype=torch.float64))
