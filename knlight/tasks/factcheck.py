@@ -497,6 +497,7 @@ class FactCheckModule(BaseTask):
             "thresholds": self.thresholds,
             "threshold_source": self.threshold_source,
             "lambda_amig": -self.thresholds["amig"] if "amig" in self.thresholds else None,
+            "reference": reference_scores(labels),
             "table": table,
         }
         # Every process takes part in resolving the log dir (it is broadcast from rank 0).
@@ -564,6 +565,13 @@ class FactCheckModule(BaseTask):
             logger.experiment.flush()
         for fig in figures.values():
             plt.close(fig)
+
+
+def reference_scores(labels: torch.Tensor) -> dict[str, float]:
+    """What no-skill detectors score: flagging every claim (precision = share of false claims, recall 1) and
+    chance AUROC. With mostly false claims, F1 alone says little: compare with ``f1_flag_all``."""
+    share = float((labels == FALSE_CLAIM).double().mean()) if labels.numel() else math.nan
+    return {"false_share": share, "f1_flag_all": 2 * share / (1 + share), "auroc_chance": 0.5}
 
 
 def json_safe(value: Any) -> Any:
