@@ -1,28 +1,31 @@
 """Cross-lingual knowledge editing on planted models: which neurons must an edit touch to transfer?
 
-A planted model (:func:`knlight.planted.plant`: 12 synthetic facts in 3 disjoint-vocabulary languages, 4 templates
-each; standard facts carry 2 language-independent + 1 language-specific neuron per language, a third of the facts
-a degenerate pair instead) has known knowledge neurons. This benchmark edits half of the standard facts (new
-object = the fact's first wrong object, an object of the same relation) with :class:`knlight.tasks.editing.
-EditingModule` (``knlight fit``), training **only on the first language's queries** (2 of its 4 templates), with
-four neuron sets from a neuron file written from the planted truth:
+A planted model (:func:`knlight.planted.plant`: 12 synthetic facts in 3 disjoint-vocabulary languages, 4
+templates each; standard facts carry 2 language-independent + 1 language-specific neuron per language, a third
+of the facts a degenerate pair instead) has known knowledge neurons. This benchmark edits half of the standard
+facts at once (new object = the fact's first wrong object, an object of the same relation) with
+:class:`knlight.tasks.editing.EditingModule` (``knlight fit``), training **only on the first language's
+queries** (2 of its 4 templates), with neuron sets from a neuron file written from the planted truth:
 
-* ``language_independent``: the fact's planted language-independent carriers;
-* ``language:<first>``: its planted language-specific carrier of the edit language;
+* ``LI``: the fact's planted language-independent carriers (W_in rows at 0.1 × lr, W_out columns);
+* ``LI, W_in at full lr``: the same with W_in at the full learning rate (the neurons tend to die);
+* ``LI, W_out only``: the same with W_in frozen;
+* ``<lang>-specific``: the fact's planted language-specific carrier of the edit language;
 * ``random``: as many neurons per layer as the language-independent set, at other indices (seeded);
 * ``ffn``: every neuron of the language-independent set's layers (whole-FFN fine-tune of those layers);
+* ``direct (Dai, LI)``: Dai et al.'s training-free ``W_out[:, n] += 8·E(new) − E(old)`` on the LI carriers.
 
-plus Dai et al.'s training-free direct edit on the language-independent carriers. Reported per method:
-reliability (edit queries), generality in the edit language (its other 2 templates) and in each other language
-(cross-lingual transfer), locality (unrelated facts, held out from the KL term: top-1 kept and KL), all as
-top-1 of the new object (``top1``) and new-above-old (``rank``). Targets: language-independent generality ≥ 0.9 in
-every language, locality ≥ 0.95; language-specific editing should transfer markedly less.
+Reported per method (top-1 of the new object's first token / new object above the old one): reliability (edit
+queries), generality in the edit language (its other 2 templates) and in each other language (cross-lingual
+transfer), locality (unrelated facts held out from the KL term: top-1 kept) and their mean KL. Targets:
+language-independent generality ≥ 0.9 in every language, locality ≥ 0.95; language-specific editing should
+transfer markedly less.
 
-    .venv/bin/python benchmarks/editing_planted.py                          # gpt2, seed 0
-    .venv/bin/python benchmarks/editing_planted.py --archs gpt2 llama --seeds 0 1 --out runs/bench/editing.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/editing_planted.py                      # gpt2, seed 0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/editing_planted.py --archs gpt2 llama qwen2 bert --seeds 0 1
 
-The plant is cached in ``<work>/plant-<arch>-<seed>`` (delete it to re-plant). Run with ``OMP_NUM_THREADS=1`` on
-shared CPUs.
+Plants are cached in ``<work>/plant-<arch>-<seed>`` (delete one to re-plant); results go to
+``<work>/results.json``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def planted_model(arch: str, seed: int, work: Path) -> tuple[PlantedModel, Path]
 
 
 def neuron_file_from_truth(planted: PlantedModel, path: Path) -> Path:
-    """A neuron file of the planted truth: LI carriers, and per language only its language-specific carriers."""
+    """A neuron file of the planted truth: LI carriers; per language only its language-specific carriers."""
     facts: dict[str, FactNeurons] = {}
     for neuron in planted.neurons:
         fact = facts.setdefault(neuron.uuid, FactNeurons(relation=neuron.uuid.split(":")[0]))
@@ -71,7 +74,9 @@ def neuron_file_from_truth(planted: PlantedModel, path: Path) -> Path:
             for language in neuron.languages:
                 fact.languages.setdefault(language, []).append((neuron.layer, neuron.index))
     lm = planted.lm
-    return write_neuron_file(path, NeuronFile("planted", lm.num_layers, lm.d_ff, {"source": "planted truth"}, facts))
+    return write_neuron_file(
+        path, NeuronFile("planted", lm.num_layers, lm.d_ff, {"source": "planted truth"}, facts)
+    )
 
 
 def run_method(
@@ -101,7 +106,9 @@ def run_method(
         baselines=["direct"] if rule == "language_independent" else [],
         seed=0,
     )
-    data = EditingDataModule(str(folder / "records.jsonl"), batch_size=len(edits) * 2, model_kind=module.model_kind)
+    data = EditingDataModule(
+        str(folder / "records.jsonl"), batch_size=len(edits) * 2, model_kind=module.model_kind
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -160,7 +167,9 @@ def benchmark_one(arch: str, seed: int, args: argparse.Namespace) -> dict[str, A
     seconds: dict[str, float] = {}
     unedited = None
     for name, (rule, trainable, in_lr_scale) in methods.items():
-        table, seconds[name] = run_method(folder, work, name, rule, trainable, in_lr_scale, edits, language, args)
+        table, seconds[name] = run_method(
+            folder, work, name, rule, trainable, in_lr_scale, edits, language, args
+        )
         results[name] = summarise(table, "edited", language, languages) | {"neurons": table["num_neurons"]}
         if unedited is None:
             unedited = summarise(table, "unedited", language, languages)
@@ -204,7 +213,9 @@ def table_text(run: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--archs", nargs="+", default=["gpt2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps (full batch)")
@@ -236,10 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             "generality_cross_top1_min": min(cross) if cross else None,
             "locality_top1_mean": statistics.fmean(v for v in locality if v is not None),
         }
-    out.write_text(json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1) + "\n", "utf-8")
+    out.write_text(
+        json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1) + "\n", "utf-8"
+    )
     for run in runs:
-        sys.stdout.write(f"\n{run['arch']} seed {run['seed']} — edit language {run['edit_language']}, "
-                         f"{len(run['edited_facts'])} facts edited, top-1 / rank:\n{table_text(run)}\n")  # fmt: skip
+        head = f"{run['arch']} seed {run['seed']}: edit language {run['edit_language']}"
+        sys.stdout.write(
+            f"\n{head}, {len(run['edited_facts'])} facts edited, top-1 / rank:\n{table_text(run)}\n"
+        )
     sys.stdout.write(f"\nsummary: {json.dumps(summary, indent=1)}\nresults: {out}\n")
     return 0
 

@@ -277,8 +277,10 @@ class EditingModule(BaseTask):
             ``{language: string}`` map, or omitted for the fact's first wrong object), a JSONL file of them,
             or
             ``derive``: every fact of the datamodule's train split, new object = its first wrong object
-            (``inject``: the train-split facts the model does not know, new object = the true one).
-        edit_languages: Languages whose queries are trained on (default: the first language of the data).
+            (``inject``: the train-split facts the model does not know, new object = the true one). A request
+            may name its own ``languages``.
+        edit_languages: Languages whose queries are trained on (default: ``en`` when the data has it, else its
+            first language).
         edit_queries: Rephrasings per edit language used for training (the first ones); the others measure
             same-language generality. None trains on all of them.
         max_edits: At most this many requests (a seeded choice); None keeps all.
@@ -444,7 +446,7 @@ class EditingModule(BaseTask):
             self.by_fact.setdefault(record.uuid, {})[record.language] = record
         languages = sorted({r.language for r in records})
         self.languages = languages
-        self.train_languages = list(self.edit_languages or [records[0].language])
+        self.train_languages = list(self.edit_languages or ["en" if "en" in languages else languages[0]])
         missing = [lang for lang in self.train_languages if lang not in languages]
         if missing:
             raise ValueError(
@@ -474,15 +476,14 @@ class EditingModule(BaseTask):
             split_seed = getattr(data, "seed", 0)
             train = split_by_uuid(self.records(), fractions, split_seed)["train"]
             uuids = sorted({r.uuid for r in train}, key=lambda u: (stable_fraction(u, self.seed, "edits"), u))
-            explicit = [{"uuid": u} for u in uuids]
-            if self.mode == "inject":
-                explicit = [e for e in explicit if self._unknown(e["uuid"])]
-                log.info("inject: %d facts of the train split are unknown to the model", len(explicit))
+            explicit = [{"uuid": u, "derived": True} for u in uuids]
         requests = []
         for spec in explicit:
             request = self._request(spec)
             if request is None:
                 continue
+            if self.mode == "inject" and spec.get("derived") and not self._unknown(request.uuid):
+                continue  # checked lazily: only until max_edits facts are found
             if not request.neurons:
                 log.warning(
                     "fact %s has no neurons under rule %s: not edited", request.uuid, self.neuron_rule
@@ -587,6 +588,12 @@ class EditingModule(BaseTask):
                         self.eval_rows.append(
                             {**base, "role": "locality", "target": record.object, "competitors": []}
                         )
+        for request in self.requests:
+            if not any(r["uuid"] == request.uuid for r in self.edit_rows.get(request.group, [])):
+                raise ValueError(
+                    f"edit request {request.uuid}: no query to train on in {request.languages} (a causal model "
+                    "cannot use queries that start with [Y]); choose other edit languages"
+                )
         if not unrelated:
             log.warning("every fact is edited: no unrelated facts for the locality term and metric")
         elif len(unrelated) == 1:
