@@ -183,3 +183,32 @@ def test_bad_options_are_refused() -> None:
         FactCheckModule("tiny:gpt2", t=1.5)
     with pytest.raises(ValueError, match="thresholds for unknown"):
         FactCheckModule("tiny:gpt2", thresholds={"oracle": 0.0})
+
+
+def test_relation_sets_from_a_neuron_file_use_train_facts_only(tmp_path: Path) -> None:
+    from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
+
+    facts = {
+        "P36:Q23169:Q34217": FactNeurons("P36", {"en": [(2, 5)]}, degenerate_pairs=[((2, 5), (1, 3))]),
+        "P37:Q505064:Q1412": FactNeurons(
+            "P37", {"en": [(0, 7)]}, degenerate_pairs=[((2, 5), (0, 7)), ((0, 7), (1, 1))]
+        ),
+        TEST_UUID: FactNeurons("P37", {"en": [(2, 60)]}, degenerate_pairs=[((2, 60), (2, 61))]),  # not train
+    }
+    path = write_neuron_file(tmp_path / "neurons.json", NeuronFile("tiny:gpt2", 3, 64, facts=facts))
+    main(args("test", tmp_path, "--model.init_args.neuron_file", str(path), "--model.init_args.detectors",
+              "[prob,fast]"))  # fmt: skip
+    sets = {s["relation"]: s for s in results(tmp_path, "test")["relation_sets"]}
+    assert sets["P36"]["neurons"] == [[1, 3], [2, 5]] and sets["P36"]["source"] == "dkn"
+    assert sets["P37"]["neurons"] == [[0, 7]] and sets["P37"]["counts"] == [2]  # 1 is not > 0.7 x 2
+    assert sets["P37"]["train_claims"] == 1 and sets["P37"]["pairs"] == 2
+
+
+def test_no_validation_split_needs_given_thresholds(tmp_path: Path) -> None:
+    from knlight.data import DataError
+
+    split = ["--data.init_args.split_fractions", "[0.5, 0.0, 0.5]", "--model.init_args.detectors", "[prob]"]
+    with pytest.raises(DataError, match="validation split has no claim"):
+        main(args("test", tmp_path / "a", *split))
+    main(args("test", tmp_path / "b", *split, "--model.init_args.thresholds", "{prob: 50.0}"))
+    assert results(tmp_path / "b", "test")["threshold_source"] == {"prob": "given"}
