@@ -21,6 +21,9 @@ from knlight.neurons.prompts import EncodedQuery
 
 Neuron = tuple[int, int]
 
+MIN_CACHED_ROWS = 4
+"""A causal query with at least this many rows runs its prefix once (KV cache); fewer rows run whole."""
+
 
 def check_neurons(neurons: Sequence[Neuron], num_layers: int, d_ff: int, source: str = "neuron set") -> None:
     """Raise a clear error for neurons outside the model (e.g. a neuron file from another model)."""
@@ -56,8 +59,10 @@ def intervene(
 
     Causal LMs (``prefix_cache``): scaling a neuron at the target positions changes nothing before the first
     target, so each distinct query's prefix is run once and its rows continue from that KV cache with only the
-    target positions (exact; about prompt-length times fewer FLOPs). Masked LMs run whole rows. A row's
-    numbers depend only on the rows passed with it; pass the same rows in the same order to get the same bits.
+    target positions (exact; about prompt-length times fewer FLOPs in the body, the LM head costs the same);
+    queries with fewer than :data:`MIN_CACHED_ROWS` rows run whole, batched together. Masked LMs run whole
+    rows. A row's numbers depend only on the rows passed with it; pass the same rows in the same order to get
+    the same bits.
 
     Args:
         lm: A :class:`knlight.LanguageModel` (anything with ``model``, ``sites``, ``num_layers``, ``d_ff``,
@@ -79,18 +84,28 @@ def intervene(
         by_query: dict[EncodedQuery, list[int]] = {}
         for r, (query, _, _) in enumerate(rows):
             by_query.setdefault(query, []).append(r)
+        # A query with few rows gains nothing from its own two forwards: those rows run whole, batched.
+        few = [r for members in by_query.values() if len(members) < MIN_CACHED_ROWS for r in members]
         chunks = [
             members[i : i + batch_rows]
             for members in by_query.values()
+            if len(members) >= MIN_CACHED_ROWS
             for i in range(0, len(members), batch_rows)
         ]
+        chunks += [few[i : i + batch_rows] for i in range(0, len(few), batch_rows)]
     else:
         chunks = [list(range(i, min(i + batch_rows, len(rows)))) for i in range(0, len(rows), batch_rows)]
     for chunk in chunks:
         queries = [rows[r][0] for r in chunk]
         sets = [list(rows[r][1]) for r in chunk]
         factors = [rows[r][2] for r in chunk]
-        if prefix_cache and min(p for p, _ in queries[0].targets) > 0:
+        one_query = all(q is queries[0] or q == queries[0] for q in queries)
+        if (
+            prefix_cache
+            and one_query
+            and len(chunk) >= MIN_CACHED_ROWS
+            and min(p for p, _ in queries[0].targets) > 0
+        ):
             lp, t1 = _forward_cached(lm, queries[0], sets, factors)
         else:
             lp, t1 = _forward_rows(lm, queries, sets, factors)
