@@ -383,3 +383,40 @@ def test_selection_with_dkn_runs_on_a_tiny_model(tmp_path: Path) -> None:
     fact = result.facts["F1"]
     top = {(1, 2), (0, 1), (0, 3)}
     assert all(set(pair) <= top for pair in fact.degenerate_pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dai", "amig"])
+def test_committed_tiny_neuron_files_are_reproduced(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The regeneration commands in configs/tiny/intervene.yaml reproduce the committed files byte for byte."""
+    from knlight.cli import main as knlight_main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(
+        tmp_path
+    )  # the neuron file records the attributions folder as given: runs/tiny-neurons/...
+    extra = (
+        ["--model.init_args.return_scores", "true", "--trainer.callbacks.init_args.save_scores", "true"]
+        if name == "dai"
+        else ["--model.init_args.baseline", "amig"]
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as when the files were generated
+    try:
+        knlight_main([
+            "predict", "--config", str(repo / "configs" / "tiny" / "localize.yaml"),
+            "--data.init_args.path", str(repo / "tests" / "fixtures" / "rml_small.jsonl"),
+            "--trainer.enable_progress_bar", "false", "--model.init_args.steps", "4",
+            "--trainer.callbacks.init_args.output_dir", f"runs/tiny-neurons/{name}", *extra,
+        ])  # fmt: skip
+        options = {"uncertainty": UncertaintyOptions(enabled=True)} if name == "dai" else {}
+        run_selection(
+            f"runs/tiny-neurons/{name}", str(tmp_path / f"{name}.json"), likn=LiknOptions(min_languages=2),
+            dkn=DknOptions(enabled=True), **options,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    committed = repo / "configs" / "tiny" / "neurons" / f"{name}.json"
+    assert (tmp_path / f"{name}.json").read_bytes() == committed.read_bytes()

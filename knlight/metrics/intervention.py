@@ -49,6 +49,8 @@ class InterventionRows(Metric):
     """Item-level intervention rows, concatenated across processes and de-duplicated by key on ``compute``."""
 
     full_state_update = False
+    index: list[torch.Tensor] | torch.Tensor  # a list while updating; one tensor after a DDP sync
+    value: list[torch.Tensor] | torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,6 +69,7 @@ class InterventionRows(Metric):
                 f"rows must be [n, {INDEX_COLUMNS}] and [n, {VALUE_COLUMNS}], got {index.shape}, "
                 f"{value.shape}"
             )
+        assert isinstance(self.index, list) and isinstance(self.value, list)
         self.index.append(index.long())
         self.value.append(value.double())
 

@@ -59,7 +59,7 @@ from knlight.metrics.intervention import (
 from knlight.neurons.interventions import Neuron, intervene, random_like
 from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
 from knlight.neurons.prompts import EncodedQuery, QueryError
-from knlight.tasks.base import BaseTask
+from knlight.tasks.base import BaseTask, ItemKey
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,10 @@ class InterventionModule(BaseTask):
         self.vocab: Vocabulary | None = None
         self.results: dict[str, Any] | None = None
         self.out_dir: Path | None = None
-        self._item_id: dict[tuple[str, str, int], int] = {}
+        self._item_id: dict[ItemKey, int] = {}
         self._by_language: dict[str, list[Item]] = {}
         self._same_fact: dict[tuple[str, str], int] = {}
-        self._encoded: dict[tuple[str, str, int], EncodedQuery] = {}
+        self._encoded: dict[ItemKey, EncodedQuery] = {}
         self._started = 0.0
 
     # -- set-up
@@ -223,13 +223,13 @@ class InterventionModule(BaseTask):
         key = self.item_key(item)
         if key not in self._encoded:
             try:
-                self._encoded[key] = self.lm.encode(item["query"], item["answer"])  # type: ignore[index]
+                self._encoded[key] = self.lm.encode(item["query"], item["answer"])
             except QueryError as error:
                 raise QueryError(
                     f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r} "
                     f"(query {item['query']!r}, answer {item['answer']!r}): {error}"
                 ) from error
-        return self._encoded[key]  # type: ignore[index]
+        return self._encoded[key]
 
     def unrelated_items(self, item: Item) -> list[Item]:
         """The seeded sample of other facts' queries in the item's language (depends only on the item)."""
@@ -396,7 +396,7 @@ class InterventionModule(BaseTask):
         """Adds the TensorBoard figures callback when the trainer has none."""
         from knlight.callbacks.intervention_figures import InterventionFigures
 
-        present = self._trainer.callbacks if self._trainer is not None else []
+        present = self._trainer.callbacks if self._trainer is not None else []  # type: ignore[attr-defined]
         return [] if any(isinstance(c, InterventionFigures) for c in present) else [InterventionFigures()]
 
 
