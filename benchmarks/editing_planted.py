@@ -44,7 +44,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from knlight import load_lm
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
+from knlight.neurons.prompts import QueryError
 from knlight.planted import PlantedModel, load_planted, plant, write_records
 from knlight.tasks.editing import EditingDataModule, EditingModule
 
@@ -146,6 +148,11 @@ def benchmark_one(arch: str, seed: int, args: argparse.Namespace) -> dict[str, A
     """Every method on one plant."""
     work = Path(args.work)
     planted, folder = planted_model(arch, seed, work)
+    record = planted.records[0]
+    try:  # the module loads the saved plant: its tokenizer must round-trip
+        load_lm(folder / "model").encode(record["queries"][0], record["object"])
+    except QueryError as error:
+        raise RuntimeError(f"the saved plant {folder} does not reload usably: {error}") from error
     work = work / f"edit-{arch}-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     neuron_file_from_truth(planted, work / "neurons.json")
@@ -212,6 +219,43 @@ def table_text(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, over plants: means (and minima) of reliability, cross-lingual generality and locality."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in runs[0]["methods"] if runs else []:
+        cells: dict[str, list[float]] = {}
+        for run in runs:
+            r = run["methods"][name]
+            others = [o for o in run["languages"] if o != run["edit_language"]]
+            for key, values in (
+                ("reliability", [r["reliability/top1"]]),
+                ("generality_lang", [r["generality_lang/top1"]]),
+                ("generality_cross", [r[f"cross_{o}/top1"] for o in others]),
+                ("generality_cross_rank", [r[f"cross_{o}/rank"] for o in others]),
+                ("locality", [r["locality/top1"]]),
+                ("kl", [r["locality/kl"]]),
+            ):
+                cells.setdefault(key, []).extend(v for v in values if v is not None)
+        summary[name] = {
+            **{f"{k}_mean": statistics.fmean(v) for k, v in cells.items() if v},
+            **{f"{k}_min": min(v) for k, v in cells.items() if v and k != "kl"},
+            "plants": len(runs),
+        }
+    return summary
+
+
+def summary_text(summary: dict[str, dict[str, Any]]) -> str:
+    """The summary as a table: mean (min) over plants and languages, top-1."""
+    keys = ("reliability", "generality_lang", "generality_cross", "generality_cross_rank", "locality")
+    lines = [" | ".join([f"{'method':>22}", *[f"{k:>21}" for k in keys], f"{'KL':>6}"])]
+    for name, s in summary.items():
+        cells = [
+            f"{s.get(k + '_mean', float('nan')):.3f} ({s.get(k + '_min', float('nan')):.2f})" for k in keys
+        ]
+        lines.append(" | ".join([f"{name:>22}", *[f"{c:>21}" for c in cells], f"{s.get('kl_mean', 0):6.2f}"]))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,34 +272,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    runs = [benchmark_one(arch, seed, args) for arch in args.archs for seed in args.seeds]
     out = Path(args.out or Path(args.work) / "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for name in runs[0]["methods"]:
-        cross = [
-            v
-            for run in runs
-            for o in run["languages"]
-            if o != run["edit_language"]
-            for v in [run["methods"][name][f"cross_{o}/top1"]]
-            if v is not None
-        ]
-        locality = [run["methods"][name]["locality/top1"] for run in runs]
-        summary[name] = {
-            "generality_cross_top1_mean": statistics.fmean(cross) if cross else None,
-            "generality_cross_top1_min": min(cross) if cross else None,
-            "locality_top1_mean": statistics.fmean(v for v in locality if v is not None),
-        }
+    runs: list[dict[str, Any]] = []
+    for arch in args.archs:
+        for seed in args.seeds:
+            try:
+                runs.append(benchmark_one(arch, seed, args))
+            except Exception as error:  # one broken plant must not lose the others
+                log.exception("%s seed %d failed", arch, seed)
+                runs.append({"arch": arch, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+            out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1) + "\n", "utf-8")
+    done = [run for run in runs if "error" not in run]
+    summary = summarise_runs(done)
     out.write_text(
         json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1) + "\n", "utf-8"
     )
     for run in runs:
+        if "error" in run:
+            sys.stdout.write(f"\n{run['arch']} seed {run['seed']}: FAILED ({run['error']})\n")
+            continue
         head = f"{run['arch']} seed {run['seed']}: edit language {run['edit_language']}"
         sys.stdout.write(
             f"\n{head}, {len(run['edited_facts'])} facts edited, top-1 / rank:\n{table_text(run)}\n"
         )
-    sys.stdout.write(f"\nsummary: {json.dumps(summary, indent=1)}\nresults: {out}\n")
+    sys.stdout.write(f"\n{summary_text(summary)}\nresults: {out}\n")
     return 0
 
 
