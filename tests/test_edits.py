@@ -223,3 +223,11 @@ def test_direct_edit_is_dai_update_of_output_columns() -> None:
     assert edit.in_weight.abs().sum() == 0
     assert edit.metadata["method"] == "direct"
     assert output_columns(lm, neurons).shape == (2, model_layout(lm).d_model)
+
+
+def test_module_apply_with_a_function_still_works() -> None:
+    lm = load_lm("tiny:gpt2")
+    edit = NeuronEdit.for_model(lm, [(1, 5)])
+    seen: list[str] = []
+    torch.nn.Sequential(edit).apply(lambda m: seen.append(type(m).__name__))  # as parents call it
+    assert seen == ["NeuronEdit", "Sequential"] and not edit.attached

@@ -20,7 +20,7 @@ import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,8 @@ class MeanCount(Metric):
     """Mean of all values seen (on every process) and their number; ``compute`` returns ``[mean, count]``."""
 
     full_state_update = False
+    total: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -79,19 +81,21 @@ class EditingMetrics(nn.Module):
     def update(self, method: str, role: str, measure: str, language: str, values: torch.Tensor) -> None:
         """Add values to ``method/role/measure/language`` and to its ``all`` aggregate."""
         for lang in (language, "all"):
-            self.metrics[self._index[metric_name(method, role, measure, lang)]].update(values)
+            cast(MeanCount, self.metrics[self._index[metric_name(method, role, measure, lang)]]).update(
+                values
+            )
 
     def compute(self) -> dict[str, tuple[float, int]]:
         """``{name: (mean, count)}`` over every process (NaN mean when nothing was counted)."""
         out = {}
         for name, metric in zip(self.names, self.metrics):
-            mean, count = metric.compute().tolist()
+            mean, count = cast(MeanCount, metric).compute().tolist()
             out[name] = (float(mean), int(count))
         return out
 
     def reset(self) -> None:
         for metric in self.metrics:
-            metric.reset()
+            cast(MeanCount, metric).reset()
 
 
 TABLE_FIELDS = ("method", "role", "measure", "language", "value", "count")

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -74,6 +74,10 @@ class EditLayout:
     in_bias: bool
 
 
+def _param(module: nn.Module, name: str = "weight") -> nn.Parameter:
+    return cast(nn.Parameter, getattr(module, name))
+
+
 def _sites_of(model: nn.Module | LanguageModel) -> tuple[nn.Module, NeuronSites]:
     if isinstance(model, LanguageModel):
         return model.model, model.sites
@@ -99,7 +103,7 @@ def model_layout(model: nn.Module | LanguageModel) -> EditLayout:
     biases = {getattr(p, "bias", None) is not None for p in in_projs}
     if len(biases) != 1:
         raise NeuronEditError(f"input projections {in_projs} mix biased and bias-free layers; not supported")
-    out_weight = sites.out_projs[0].weight
+    out_weight = _param(sites.out_projs[0])
     return EditLayout(
         model_type=str(getattr(config, "model_type", type(net).__name__)),
         num_layers=sites.num_layers,
@@ -140,6 +144,8 @@ class NeuronEdit(nn.Module):
         out_weight: ``[N, d_model]`` output-column deltas.
         enabled: When False the hooks stay attached but add nothing (see :meth:`disabled`).
     """
+
+    neuron_ids: torch.Tensor
 
     def __init__(
         self,
@@ -212,12 +218,17 @@ class NeuronEdit(nn.Module):
         """True while hooks are installed on a model."""
         return bool(self._handles)
 
-    def apply(self, model: nn.Module | LanguageModel) -> NeuronEdit:
+    def apply(self, model: nn.Module | LanguageModel) -> NeuronEdit:  # type: ignore[override]
         """Attach the edit to ``model`` (forward hooks; the weights are not touched). Returns ``self``.
+
+        Called with a plain function (``nn.Module.apply(fn)``, e.g. by a parent module) it does what
+        ``nn.Module.apply`` does.
 
         Raises:
             NeuronEditError: When the model's layout differs from the edit's, or the edit is attached already.
         """
+        if not isinstance(model, nn.Module | LanguageModel):
+            return super().apply(model)
         if self._handles:
             raise NeuronEditError("this edit is attached already; call remove() first")
         _, sites = _sites_of(model)
@@ -293,13 +304,13 @@ class NeuronEdit(nn.Module):
             for j, proj in enumerate(sites.in_projs[layer]):
                 delta = self.in_weight[j, start:end].detach()  # [k, d_model]
                 # Linear [d_ff, d_model]: neuron rows (dim 0); Conv1D [d_model, d_ff]: neuron columns (dim 1).
-                yield proj.weight, (1 if conv1d else 0), idx, (delta.T if conv1d else delta)
+                yield _param(proj), (1 if conv1d else 0), idx, (delta.T if conv1d else delta)
                 if self.in_bias is not None:
-                    yield proj.bias, 0, idx, self.in_bias[j, start:end].detach()
+                    yield _param(proj, "bias"), 0, idx, self.in_bias[j, start:end].detach()
             out = sites.out_projs[layer]
             delta = self.out_weight[start:end].detach()  # [k, d_model]
             # Linear [d_model, d_ff]: neuron columns (dim 1); Conv1D [d_ff, d_model]: neuron rows (dim 0).
-            yield out.weight, (0 if conv1d else 1), idx, (delta if conv1d else delta.T)
+            yield _param(out), (0 if conv1d else 1), idx, (delta if conv1d else delta.T)
 
     @torch.no_grad()
     def merged_weights(self, model: nn.Module | LanguageModel) -> dict[str, torch.Tensor]:
@@ -469,7 +480,7 @@ def output_columns(model: nn.Module | LanguageModel, neurons: Sequence[Neuron]) 
     _, sites = _sites_of(model)
     cols = []
     for layer, index in neurons:
-        weight = sites.out_projs[layer].weight
+        weight = _param(sites.out_projs[layer])
         cols.append(weight[index] if sites.spec.conv1d else weight[:, index])
     return torch.stack(cols).detach()
 

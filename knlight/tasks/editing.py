@@ -423,7 +423,7 @@ class EditingModule(BaseTask):
         """Plans the edit (requests, neurons, rows), builds the NeuronEdit and the metrics."""
         trainer = self._trainer
         if trainer is not None:  # planning runs forwards (inject): do them on the run's device
-            self.lm.model.to(trainer.strategy.root_device)
+            self.lm.model.to(trainer.strategy.root_device)  # type: ignore[arg-type]
         self._plan()
         if self.mode != "enhance":
             if self.load_edit:
@@ -756,7 +756,7 @@ class EditingModule(BaseTask):
         """Weighted −log P(new) + locality_weight · KL on the batch's rows (exact global mean under DDP)."""
         assert self.edit is not None
         # Every delta takes part in every step (DDP expects gradients for all of them).
-        loss = sum(p.sum() for p in self.edit.parameters() if p.requires_grad) * 0.0
+        loss = torch.stack([p.sum() for p in self.edit.parameters() if p.requires_grad]).sum() * 0.0
         real = [r for r in batch if r["weight"] > 0]
         if not real:
             return loss
@@ -996,7 +996,7 @@ class EditingModule(BaseTask):
             path = write_table(result_table(values), out_dir, f"editing_{stage}", extra)
             log.info("editing results: %s", path)
             for method in self.method_names():
-                headline = [(m, values.get(metric_name(method, *m.split("/"), "all"))) for m in _HEADLINE]
+                headline = [(f"{r}/{m}", values.get(metric_name(method, r, m, "all"))) for r, m in _HEADLINE]
                 shown = ", ".join(f"{m}={v[0]:.3f}" for m, v in headline if v and v[1])
                 log.info("%s %s: %s", stage, method, shown)
 
@@ -1005,7 +1005,7 @@ class EditingModule(BaseTask):
         return trainer.log_dir or trainer.default_root_dir
 
 
-_HEADLINE = ("reliability/rank", "generality_cross/rank", "locality/top1", "facts/rank")
+_HEADLINE = (("reliability", "rank"), ("generality_cross", "rank"), ("locality", "top1"), ("facts", "rank"))
 
 
 class EditingDataModule(RMLLamaDataModule):
@@ -1027,9 +1027,9 @@ class EditingDataModule(RMLLamaDataModule):
         # Rows are laid out in global batches: shard them in order (Lightning would shuffle a training set).
         dataset = ItemDataset(rows)
         trainer = self.trainer
-        sampler = None
+        sampler: DistributedSampler | None = None
         if trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(dataset, shuffle=False, **trainer.distributed_sampler_kwargs)
+            sampler = DistributedSampler(dataset, shuffle=False, **(trainer.distributed_sampler_kwargs or {}))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
