@@ -10,8 +10,9 @@ each set (``dkn``, ``top``, ``pooled-dkn``, ``pooled-top``) is recorded, never h
 **Per-claim features** (:func:`claim_features`, one row of :data:`FEATURES` per claim):
 
 * ``amig``: mean IG attribution of the candidate over the relation's set (IG on the set's layers only);
-* ``log_prob``, ``rank``: the model's own log P(candidate) (sum over its tokens, gold prefix teacher-forced)
-  and the rank of its first token among the whole vocabulary (1 = the model's top prediction);
+* ``log_prob``, ``rank``, ``n_tokens``: the model's own log P(candidate) (sum over its tokens, gold prefix
+  teacher-forced), the rank of its first token among the whole vocabulary (1 = the model's top prediction) and
+  the candidate's number of tokens;
 * ``gxa_*``: one forward and one backward, no IG path: gradient × activation of log P(candidate) at each
   set neuron (summed over the candidate's target positions); mean, min and max over the set;
 * ``act_*``: the set neurons' raw activations at the target positions (mean over positions); mean, min and
@@ -24,7 +25,8 @@ each set (``dkn``, ``top``, ``pooled-dkn``, ``pooled-top``) is recorded, never h
 :mod:`knlight.factcheck.claims`); a claim is flagged false when its score exceeds the detector's threshold:
 
 * ``amig``: ``−amig`` (flagged when the mean attribution is below λ = −threshold);
-* ``prob``: ``−log_prob``; ``rank``: ``rank``;
+* ``prob``: ``−log_prob``; ``prob_mean``: ``−log_prob / n_tokens`` (per token: a summed log P favours short
+  candidates, so wrong objects with more tokens look false even to a random model); ``rank``: ``rank``;
 * ``fast``: ``−gxa_mean``;
 * ``fast_lr`` / ``act_lr``: P(false) of a logistic regression on the ``gxa_*`` / ``act_*`` features, fit on
   the training split's claims (:class:`LogisticDetector`).
@@ -47,11 +49,11 @@ from knlight.neurons.interventions import Neuron
 from knlight.neurons.prompts import EncodedQuery
 
 FEATURES: tuple[str, ...] = (
-    "amig", "log_prob", "rank", "gxa_mean", "gxa_min", "gxa_max", "act_mean", "act_min", "act_max",
+    "amig", "log_prob", "rank", "gxa_mean", "gxa_min", "gxa_max", "act_mean", "act_min", "act_max", "n_tokens",
 )  # fmt: skip
 """Columns of a claim's feature row (see the module documentation)."""
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
-DETECTORS: tuple[str, ...] = ("amig", "prob", "rank", "fast", "fast_lr", "act_lr")
+DETECTORS: tuple[str, ...] = ("amig", "prob", "prob_mean", "rank", "fast", "fast_lr", "act_lr")
 """Every detector, in table order."""
 LR_FEATURES: dict[str, tuple[str, ...]] = {
     "fast_lr": ("gxa_mean", "gxa_min", "gxa_max"),
@@ -293,6 +295,7 @@ def claim_features(
     read = readout(lm, encoded, neurons)
     row[COLUMN["log_prob"]] = read.log_prob
     row[COLUMN["rank"]] = read.rank
+    row[COLUMN["n_tokens"]] = len(encoded.targets)
     for prefix, values in (("gxa", read.grad_x_act), ("act", read.activation)):
         if values.numel():
             row[COLUMN[f"{prefix}_mean"]] = float(values.double().mean())
@@ -388,6 +391,8 @@ def falseness(
         return -f[:, COLUMN["amig"]]
     if detector == "prob":
         return -f[:, COLUMN["log_prob"]]
+    if detector == "prob_mean":
+        return -f[:, COLUMN["log_prob"]] / f[:, COLUMN["n_tokens"]]
     if detector == "rank":
         return f[:, COLUMN["rank"]]
     if detector == "fast":

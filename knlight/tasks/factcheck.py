@@ -71,7 +71,7 @@ from knlight.tasks.base import BaseTask
 log = logging.getLogger(__name__)
 
 Item = dict[str, Any]
-Detector = Literal["amig", "prob", "rank", "fast", "fast_lr", "act_lr"]
+Detector = Literal["amig", "prob", "prob_mean", "rank", "fast", "fast_lr", "act_lr"]
 NEEDS_SETS = ("amig", "fast", "fast_lr", "act_lr")
 
 
@@ -133,17 +133,18 @@ class FactCheckModule(BaseTask):
     """Fact-checks claims with a relation's degenerate knowledge neurons (AMIG) and compares detectors.
 
     Detectors (see :mod:`knlight.factcheck.detectors`): ``amig`` (mean IG attribution of the candidate over
-    the relation's DKN set, flagged false below λ), ``prob`` and ``rank`` (the model's own probability / rank
-    of the candidate), ``fast`` (gradient × activation at the DKN set, one forward + backward, no IG),
-    ``fast_lr`` / ``act_lr`` (logistic regressions on the set's gradient × activation / raw activations, fit
-    on the training split). Thresholds maximise F1 on the validation split, never on the test split.
+    the relation's DKN set, flagged false below λ), ``prob``, ``prob_mean`` and ``rank`` (the model's own
+    probability, per-token probability and rank of the candidate), ``fast`` (gradient × activation at the DKN
+    set: one forward, no IG), ``fast_lr`` / ``act_lr`` (logistic regressions on the set's gradient ×
+    activation / raw activations, fit on the training split). Thresholds maximise F1 on the validation
+    split, never on the test split.
 
     Args:
         model: Hub id, local folder or ``.gguf`` file, or ``tiny:<arch>[:seed]``.
         tokenizer: Where to load the tokenizer from (default: the model's).
         dtype: Weight and compute dtype (default float32).
         gguf_file: GGUF file name inside ``model``.
-        detectors: Detectors to run (default all: amig, prob, rank, fast, fast_lr, act_lr).
+        detectors: Detectors to run (default all: amig, prob, prob_mean, rank, fast, fast_lr, act_lr).
         top_k: Top-K neurons of a training fact searched for DKN pairs (AMIG: 20).
         t_low: A single neuron whose suppression drops P by at most this (relative) is a DKN candidate.
         t_high: A pair is degenerate when suppressing both drops P by more than this.
