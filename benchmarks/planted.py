@@ -3,8 +3,9 @@
 For each architecture and seed, :func:`knlight.planted.plant` builds a small random model (4 layers, 128/256)
 and plants 12 synthetic facts (3 relations x 4 facts) in 3 disjoint-vocabulary languages (4 templates each) in
 chosen FFN neurons of the upper half of the model: standard facts get 2 language-independent carriers + 1
-language-specific carrier per language, a third of the facts get one degenerate pair instead, and every fact
-gets 1 distractor (fires on its queries, writes nothing about the object). Then, per (fact, language) record:
+language-specific carrier per language (each carrier necessary: suppressing it alone costs >= 0.5 nats), a
+third of the facts get one degenerate pair instead (each member alone sufficient), and every fact gets 1
+distractor (fires on its queries, writes nothing about the object). Then, per (fact, language) record:
 
 * **dai**: zero-baseline IG, coarse neurons ``Attr > τ·max Attr`` per query (τ = 0.2), refined by prompt
   sharing (coarse in at least p = 0.7 of the record's queries);
@@ -178,14 +179,14 @@ def evaluate(
                 distractor_hits[(method, scope)][1] += len(distractors)
                 if scope == "global":
                     comp = composition[method]
-                    for n in chosen:
-                        if n in carriers:
+                    for sel in chosen:
+                        if sel in carriers:
                             comp["carrier"] += 1
-                        elif n in distractors:
+                        elif sel in distractors:
                             comp["distractor"] += 1
-                        elif n in planted_any:
+                        elif sel in planted_any:
                             comp["other_planted"] += 1
-                        elif n[0] < deepest:
+                        elif sel[0] < deepest:
                             comp["upstream"] += 1
                         else:
                             comp["other"] += 1

@@ -52,7 +52,7 @@ from knlight.lm import LanguageModel
 from knlight.neurons.interventions import answer_log_probs
 from knlight.neurons.prompts import EncodedQuery
 from knlight.neurons.sites import NeuronSites
-from knlight.planted.facts import FactSet, build_tokenizer, make_facts
+from knlight.planted.facts import FactSet, Slot, build_tokenizer, make_facts
 from knlight.tiny import tiny_config
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ class _Planter:
 
     def __init__(self, config: PlantConfig) -> None:
         self.config = config
-        slot = "any" if TOKENIZER_FOR[config.model_type] == "masked" else "end"
+        slot: Slot = "any" if TOKENIZER_FOR[config.model_type] == "masked" else "end"
         self.facts = make_facts(
             config.n_relations,
             config.facts_per_relation,
@@ -486,7 +486,7 @@ class _Planter:
                 scale = (cfg.pre_on * 1.5 / zp.median()).clamp(0.25, 4.0) if zp.numel() else torch.tensor(1.0)
                 _in_rows(ins[0], conv1d)[neuron.index] = w[j] * scale
                 if has_bias:
-                    ins[0].bias[neuron.index] = b[j] * scale  # type: ignore[index, union-attr]
+                    ins[0].bias[neuron.index] = b[j] * scale  # type: ignore[index, union-attr, operator]
                 if len(ins) > 1:  # gated: up row along the mean "on" state, so that up > 0 where it fires
                     mean_on = x[y[j]].mean(0)
                     _in_rows(ins[1], conv1d)[neuron.index] = (
@@ -495,7 +495,7 @@ class _Planter:
                         / (x[y[j]] @ (mean_on / mean_on.norm().clamp_min(1e-6))).mean().clamp_min(1e-3)
                     )
                     if getattr(ins[1], "bias", None) is not None:
-                        ins[1].bias[neuron.index] = 0.0  # type: ignore[index, union-attr]
+                        ins[1].bias[neuron.index] = 0.0  # type: ignore[index, union-attr, operator]
             cols = _out_cols(out, conv1d)
             typical = cols.norm(dim=0).median()
             for k in members:
@@ -801,12 +801,12 @@ def _activation_report(planter: _Planter) -> dict[str, float]:
     valid = planter.batch.attention.bool()
     off_max, on_min, on_mean = 0.0, math.inf, []
     for layer, members in planter.by_layer.items():
-        h = store[layer].permute(2, 0, 1)
+        acts = store[layer].permute(2, 0, 1)
         on = planter.on_mask[members]
         off = valid[None] & ~on
-        off_max = max(off_max, float(h[off].abs().max()))
-        on_min = min(on_min, float(h[on].min()))
-        on_mean.append(h[on])
+        off_max = max(off_max, float(acts[off].abs().max()))
+        on_min = min(on_min, float(acts[on].min()))
+        on_mean.append(acts[on])
     return {
         "off_target_max": off_max,
         "on_target_min": on_min,
