@@ -1,6 +1,8 @@
-"""Thin LightningModules over the pure-torch neuron code: one per task (attribution, ...)."""
+"""Thin LightningModules over the pure-torch neuron code: one per task."""
 
 from knlight.tasks.attribution import AttributionModule
 from knlight.tasks.base import BaseTask
+from knlight.tasks.editing import EditingDataModule, EditingModule
+from knlight.tasks.intervention import InterventionModule
 
-__all__ = ["AttributionModule", "BaseTask"]
+__all__ = ["AttributionModule", "BaseTask", "EditingDataModule", "EditingModule", "InterventionModule"]
