@@ -39,3 +39,29 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def print_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
+    """Run ``knlight <argv> --print_config`` with every weight/config load forbidden; return the printed config."""
+    import transformers
+    import yaml
+
+    import knlight.tasks.base as base
+    from knlight.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"parsing a config must not load models or configs: {args}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(base, "load_lm", forbidden)
+    monkeypatch.setattr(base, "model_kind", forbidden)
+    for auto in (
+        transformers.AutoConfig,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModelForMaskedLM,
+    ):
+        monkeypatch.setattr(auto, "from_pretrained", forbidden)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)

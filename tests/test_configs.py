@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import transformers
-import yaml
-
-import knlight.tasks.base as base
-from knlight.cli import main
+from conftest import print_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Per-model files are composed with the shared trainer file: --config <trainer> --config <model>.
@@ -43,29 +39,18 @@ def task_of(config: Path) -> tuple[str, str]:
 def test_config_parses_without_loading_weights(
     config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    def forbidden(*args, **kwargs):
-        raise AssertionError(f"parsing a config must not load models or configs: {args}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(base, "load_lm", forbidden)
-    monkeypatch.setattr(base, "model_kind", forbidden)
-    for auto in (
-        transformers.AutoConfig,
-        transformers.AutoModelForCausalLM,
-        transformers.AutoModelForMaskedLM,
-    ):
-        monkeypatch.setattr(auto, "from_pretrained", forbidden)
     subcommand, task = task_of(config)
     configs = [*COMPOSE_WITH.get(config.parent.name, []), config]
-    with pytest.raises(SystemExit) as exit_info:
-        main([subcommand, *[arg for c in configs for arg in ("--config", str(c))], "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = print_config(
+        monkeypatch, capsys, [subcommand, *[a for c in configs for a in ("--config", str(c))]]
+    )
     assert printed["trainer"]["inference_mode"] is False
     if config.parent.name == "trainer":
         return
     assert printed["model"]["class_path"].endswith(task)
-    assert "RMLLamaDataModule" in printed["data"]["class_path"] or "DataModule" in printed["data"]["class_path"]
+    assert (
+        "RMLLamaDataModule" in printed["data"]["class_path"] or "DataModule" in printed["data"]["class_path"]
+    )
     if task == "AttributionModule":
         writers = [
             c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("AttributionWriter")
