@@ -1,8 +1,8 @@
 """Regenerate the quickstart's bundled facts: ``knlight/resources/quickstart.jsonl``.
 
 Capitals (mParaRel P36) of well-known countries (the list below, matched on the English subject label) in
-English, German and Japanese, built by knlight's own builder, then kept only where Gemma 3 270M knows the fact:
-a query is kept when the answer's first token is among the model's top-3 next tokens; a fact is kept when it
+English, Spanish and Japanese, built by knlight's own builder, then kept only where Gemma 3 270M knows the fact:
+a query is kept when the answer's first token is among the model's top-20 next tokens; a fact is kept when it
 keeps at least one query in every language. The first 5 such facts (by uuid) with at most 2 queries per
 language are written. Needs the ``gemma`` extra and ``../shared/data``.
 
@@ -21,6 +21,9 @@ from knlight.data.build import build_mpararel
 from knlight.data.pipeline import BuildOptions
 from knlight.data.records import write_records
 
+# Gemma 3 270M is small: it ranks English capitals first, but Spanish and Japanese ones often only within its
+# top 20 (and German ones lower still), so "knows" means "the answer's first token is within the top 20".
+TOP_K = 20
 COUNTRIES = {
     "France",
     "Germany",
@@ -62,7 +65,7 @@ def knows(lm, query: str, answer: str) -> bool:
     pos, token = encoded.targets[0]
     with torch.no_grad():
         logits = lm.model(input_ids=torch.tensor([encoded.input_ids[: pos + 1]])).logits[0, -1]
-    return token in logits.topk(3).indices.tolist()
+    return token in logits.topk(TOP_K).indices.tolist()
 
 
 def main() -> None:
@@ -70,7 +73,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", default="../shared/data/mpararel")
-    parser.add_argument("--languages", default="en,de,ja")
+    parser.add_argument("--languages", default="en,es,ja")
     parser.add_argument("--facts", type=int, default=5)
     parser.add_argument("--queries", type=int, default=2)
     parser.add_argument("--output", default="knlight/resources/quickstart.jsonl")
@@ -91,7 +94,7 @@ def main() -> None:
     chosen = [v for v in by_fact.values() if len(v) == len(languages)][: args.facts]
     out = [rec for fact in chosen for rec in fact.values()]
     manifest["quickstart_filter"] = (
-        f"kept queries where the answer's first token is among gemma3-270m's top-3 next tokens; facts known in all of "
+        f"kept queries where the answer's first token is among gemma3-270m's top-20 next tokens; facts known in all of "
         f"{languages}; first {args.facts} facts by uuid; at most {args.queries} queries per record"
     )
     write_records(args.output, out, manifest)
