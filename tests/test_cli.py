@@ -174,3 +174,16 @@ def test_help_shows_docstrings(capsys: pytest.CaptureFixture) -> None:
     text = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
     assert "Global τ: a neuron is selected when its attribution exceeds τ" in text
     assert "--model.language_thresholds" in text and "AMIG used ``{en: 0.3, zh: 0.2}``" in text
+
+
+def test_named_real_model_kind_is_known_without_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from knlight.tasks.base import model_kind
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model_kind must not read a config for a named packaged model")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", forbidden)
+    model_kind.cache_clear()
+    assert model_kind("gemma3-270m") == "causal"

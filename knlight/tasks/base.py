@@ -30,9 +30,13 @@ def model_kind(model: str, gguf_file: str | None = None) -> str:
     """
     from knlight.neurons.sites import spec_for
 
+    from knlight.real_models import NAMED_MODEL_TYPES
+
     if model.startswith("tiny:"):
         arch = model.split(":")[1]
         return "masked" if spec_for(arch).masked else "causal"
+    if model in NAMED_MODEL_TYPES:
+        return "masked" if spec_for(NAMED_MODEL_TYPES[model]).masked else "causal"
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {}
