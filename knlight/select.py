@@ -83,6 +83,9 @@ class KnOptions:
         min_neurons: Lower end of the adaptive range.
         max_neurons: Upper end of the adaptive range.
         p_step: Step of the adaptive search.
+        top_k: Keep at most this many refined neurons per (fact, language), the highest mean normalised score
+            (a cap beyond Dai et al.: with few queries no p can separate neurons coarse in every query). None
+            keeps them all.
     """
 
     threshold: float | None = None
@@ -92,6 +95,7 @@ class KnOptions:
     min_neurons: int = 2
     max_neurons: int = 5
     p_step: float = 0.05
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -471,6 +475,8 @@ def run_selection(
             else:
                 mask, p_used = refine_by_sharing(coarse, kn.p), kn.p
             rank = torch.stack([_normalised(_sparse_scores(q, *dims)) for q in queries]).mean(0)
+            if kn.top_k is not None:
+                mask = top_k_mask(rank, kn.top_k, within=mask)
             fact.languages[language] = mask_to_neurons(mask, rank)
             fact.p[language] = p_used
             masks[language] = mask
@@ -490,7 +496,7 @@ def run_selection(
             stats["uncertainty"].append(len(fact.uncertainty))
         if lm is not None:
             _degenerate(lm, fact, fact_items, dense, dims, dkn)
-            stats["dkn_pairs"].append(len(fact.degenerate_pairs))
+            stats["dkn pairs"].append(len(fact.degenerate_pairs))
         facts[uuid] = fact
     method = {
         "attributions": str(attributions),
@@ -504,10 +510,12 @@ def run_selection(
     result = NeuronFile(model_name, dims[0], dims[1], method, facts)
     for name, values in stats.items():
         empty = sum(v == 0 for v in values)
+        unit = "(fact, language)" if name == "kn" else "fact"
         log.info(
-            "%s: %.2f per fact (language) on average, %d of %d empty",
+            "%s: %.2f per %s on average, %d of %d empty",
             name,
             sum(values) / len(values),
+            unit,
             empty,
             len(values),
         )

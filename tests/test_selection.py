@@ -420,3 +420,10 @@ def test_committed_tiny_neuron_files_are_reproduced(
         torch.set_num_threads(threads)
     committed = repo / "configs" / "tiny" / "neurons" / f"{name}.json"
     assert (tmp_path / f"{name}.json").read_bytes() == committed.read_bytes()
+
+
+def test_selection_top_k_caps_the_refined_neurons(tmp_path: Path) -> None:
+    run = predict_output(tmp_path / "attr", _lines())
+    kn = KnOptions(adaptive=False, top_k=1)
+    result = run_selection(str(run), None, num_layers=2, d_ff=4, kn=kn)
+    assert result.facts["F1"].languages == {"en": [(1, 2)], "de": [(0, 3)]}  # de: (0, 3) has the higher mean
