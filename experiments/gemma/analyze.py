@@ -61,7 +61,7 @@ def neurons_section(path: Path) -> None:
     axes[0].set_ylabel("neurons")
     fig.suptitle("Gemma 3 270M, capitals (P36) en/es/ja, zero-baseline IG: layer distribution of selected neurons")
     fig.tight_layout()
-    fig.savefig(HERE / "layer_distribution.png", dpi=110)
+    fig.savefig(HERE / f"layer_distribution_{path.stem}.png", dpi=110)
 
 
 def intervention_section(d: Path) -> None:
