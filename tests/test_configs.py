@@ -5,52 +5,60 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import print_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Per-model files are composed with the shared trainer file: --config <trainer> --config <model>.
-COMPOSE_WITH = {"localize": [CONFIGS / "trainer" / "localize.yaml"]}
+# Partial files are composed after the files they extend: --config <base> ... --config <file>.
+COMPOSE_WITH = {
+    "localize": [CONFIGS / "trainer" / "localize.yaml"],
+    "gemma/localize.yaml": [CONFIGS / "trainer" / "localize.yaml", CONFIGS / "localize" / "gemma3-270m.yaml"],
+    "gemma/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
+}
 ALL = sorted(CONFIGS.rglob("*.yaml"))
+# The subcommand each task runs under.
+SUBCOMMANDS = {
+    "AttributionModule": "predict",
+    "EditingModule": "fit",
+    "InterventionModule": "test",
+    "FactCheckModule": "test",
+}
+
+
+def compose_chain(config: Path) -> list[Path]:
+    rel = str(config.relative_to(CONFIGS))
+    return [*COMPOSE_WITH.get(rel, COMPOSE_WITH.get(config.parent.name, [])), config]
+
+
+def task_of(chain: list[Path]) -> str:
+    """The task class named by the last file of the chain that names one (trainer files: attribution)."""
+    for path in reversed(chain):
+        class_path = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("class_path")
+        if class_path:
+            return class_path.rsplit(".", 1)[-1]
+    return "AttributionModule"
 
 
 def test_the_expected_configs_are_shipped() -> None:
     names = {str(p.relative_to(CONFIGS)) for p in ALL}
-    assert {"tiny/localize.yaml", "trainer/localize.yaml"} <= names
+    assert {"tiny/localize.yaml", "trainer/localize.yaml", "quickstart.yaml"} <= names
     assert {f"localize/{m}.yaml" for m in ("mbert", "mgpt", "llama", "gemma3-270m")} <= names
-
-
-# The subcommand and task each config is for: by file (tiny/*) or by directory.
-TASKS = {
-    "localize": ("predict", "AttributionModule"),
-    "trainer": ("predict", "AttributionModule"),
-    "quickstart": ("predict", "AttributionModule"),
-    "edit": ("fit", "EditingModule"),
-    "intervene": ("test", "InterventionModule"),
-    "factcheck": ("test", "FactCheckModule"),
-}
-
-
-def task_of(config: Path) -> tuple[str, str]:
-    key = config.stem if config.parent.name in ("tiny", "configs") else config.parent.name
-    return TASKS[key]
+    assert {"tiny/edit.yaml", "tiny/intervene.yaml", "tiny/factcheck.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_parses_without_loading_weights(
     config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    subcommand, task = task_of(config)
-    configs = [*COMPOSE_WITH.get(config.parent.name, []), config]
-    printed = print_config(
-        monkeypatch, capsys, [subcommand, *[a for c in configs for a in ("--config", str(c))]]
-    )
+    chain = compose_chain(config)
+    task = task_of(chain)
+    argv = [SUBCOMMANDS[task], *[arg for path in chain for arg in ("--config", str(path))]]
+    printed = print_config(monkeypatch, capsys, argv)
     assert printed["trainer"]["inference_mode"] is False
     if config.parent.name == "trainer":
         return
     assert printed["model"]["class_path"].endswith(task)
-    assert (
-        "RMLLamaDataModule" in printed["data"]["class_path"] or "DataModule" in printed["data"]["class_path"]
-    )
+    assert printed["data"]["class_path"].endswith("DataModule")
     if task == "AttributionModule":
         writers = [
             c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("AttributionWriter")
