@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import knlight.tasks.intervention as intervention_task
 from knlight import load_lm
@@ -191,16 +190,28 @@ def test_no_methods_is_a_clear_error() -> None:
         intervention_task.InterventionModule("tiny:gpt2", methods={"a": {"path": "x"}}, operations=["boost"])
 
 
-def test_unrelated_sample_is_other_facts_same_language_and_seeded(finished: Path) -> None:
+def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
     module = intervention_task.InterventionModule("tiny:gpt2", methods={"a": {"path": "x"}}, seed=3)
-    items = [{"uuid": u, "language": g, "query_id": q, "relation": "P36", "query": "x [Y]", "answer": "y"}
-             for u in ("F1", "F2", "F3") for g in ("en", "de") for q in range(4)]  # fmt: skip
+    facts = {"F1": "P36", "F2": "P36", "F3": "P37"}
+    items = [{"uuid": u, "language": g, "query_id": q, "relation": r, "query": "x [Y]", "answer": "y"}
+             for u, r in facts.items() for g in ("en", "de") for q in range(4)]  # fmt: skip
     module._by_language = {g: [i for i in items if i["language"] == g] for g in ("en", "de")}
-    module._same_fact = {(u, g): 4 for u in ("F1", "F2", "F3") for g in ("en", "de")}
+    module._same_fact = {(u, g): 4 for u in facts for g in ("en", "de")}
+    module._by_relation = {(g, r): [i for i in items if (i["language"], i["relation"]) == (g, r)]
+                           for g in ("en", "de") for r in ("P36", "P37")}  # fmt: skip
     module.unrelated_per_query = 5
     sample = module.unrelated_items(items[0])
     assert len(sample) == 5 and all(i["uuid"] != "F1" and i["language"] == "en" for i in sample)
     assert module.unrelated_items(items[0]) == sample
     module.unrelated_per_query = 50
     assert len(module.unrelated_items(items[0])) == 8  # every other fact's query in that language
-    assert torch.get_num_threads() >= 1
+    module.unrelated_relations = "same"
+    assert {i["uuid"] for i in module.unrelated_items(items[0])} == {"F2"}
+    module.unrelated_relations = "other"
+    assert {i["uuid"] for i in module.unrelated_items(items[0])} == {"F3"}
+    module.unrelated_per_query = 3
+    assert len(module.unrelated_items(items[0])) == 3
+    with pytest.raises(ValueError, match="choose any, same or other"):
+        intervention_task.InterventionModule(
+            "tiny:gpt2", methods={"a": {"path": "x"}}, unrelated_relations="all"
+        )

@@ -108,6 +108,8 @@ class InterventionModule(BaseTask):
             (suppress the fact's neurons of every language).
         enhance_factor: Multiplier of ``enhance`` (Dai et al., AMIG: 2).
         unrelated_per_query: Queries of other facts (same language) measured per related query.
+        unrelated_relations: Which other facts: ``any`` (default), ``same`` relation (the hardest control: a
+            relation-level neuron also moves them) or ``other`` relations only.
         random_control: Also run every operation on random neurons (same count per layer, seeded).
         cross_lingual: Also suppress each other language's neurons (and the LIKN) of the fact on this
             language's queries (methods with per-language sets only).
@@ -126,6 +128,7 @@ class InterventionModule(BaseTask):
         operations: list[Operation] | None = None,
         enhance_factor: float = 2.0,
         unrelated_per_query: int = 5,
+        unrelated_relations: Literal["any", "same", "other"] = "any",
         random_control: bool = True,
         cross_lingual: bool = True,
         seed: int = 0,
@@ -151,6 +154,9 @@ class InterventionModule(BaseTask):
         self.save_hyperparameters()
         self.enhance_factor = enhance_factor
         self.unrelated_per_query = unrelated_per_query
+        if unrelated_relations not in ("any", "same", "other"):
+            raise ValueError(f"unrelated_relations={unrelated_relations!r}: choose any, same or other")
+        self.unrelated_relations = unrelated_relations
         self.random_control = random_control
         self.cross_lingual = cross_lingual
         self.seed = seed
@@ -164,6 +170,7 @@ class InterventionModule(BaseTask):
         self._item_id: dict[ItemKey, int] = {}
         self._by_language: dict[str, list[Item]] = {}
         self._same_fact: dict[tuple[str, str], int] = {}
+        self._by_relation: dict[tuple[str, str | None], list[Item]] = {}
         self._encoded: dict[ItemKey, EncodedQuery] = {}
         self._started = 0.0
 
@@ -199,9 +206,11 @@ class InterventionModule(BaseTask):
         self._item_id = {self.item_key(item): i for i, item in enumerate(pool)}
         self._by_language = defaultdict(list)
         self._same_fact = defaultdict(int)
+        self._by_relation = defaultdict(list)
         for item in pool:
             self._by_language[item["language"]].append(item)
             self._same_fact[(item["uuid"], item["language"])] += 1
+            self._by_relation[(item["language"], item.get("relation"))].append(item)
         languages = sorted(
             {item["language"] for item in pool} | {g for f in self.files.values() for g in f.languages()}
         )
@@ -232,9 +241,20 @@ class InterventionModule(BaseTask):
         return self._encoded[key]
 
     def unrelated_items(self, item: Item) -> list[Item]:
-        """The seeded sample of other facts' queries in the item's language (depends only on the item)."""
-        candidates = self._by_language.get(item["language"], [])
-        available = len(candidates) - self._same_fact[(item["uuid"], item["language"])]
+        """The seeded sample of other facts' queries in the item's language (depends only on the item).
+
+        Drawn from every fact, the same relation or the other relations (``unrelated_relations``); fewer than
+        ``unrelated_per_query`` when fewer exist.
+        """
+        language, relation = item["language"], item.get("relation")
+        same_fact = self._same_fact[(item["uuid"], language)]
+        same_relation = self._by_relation.get((language, relation), [])
+        if self.unrelated_relations == "same":
+            candidates, available = same_relation, len(same_relation) - same_fact
+        else:
+            candidates = self._by_language.get(language, [])
+            other = len(candidates) - len(same_relation)
+            available = other if self.unrelated_relations == "other" else len(candidates) - same_fact
         wanted = min(self.unrelated_per_query, available)
         rng = random.Random(f"{self.seed}/unrelated/{item['uuid']}/{item['language']}/{item['query_id']}")
         chosen: list[Item] = []
@@ -244,7 +264,10 @@ class InterventionModule(BaseTask):
             if k in seen:
                 continue
             seen.add(k)
-            if candidates[k]["uuid"] != item["uuid"]:
+            other_relation = candidates[k].get("relation") != relation
+            if candidates[k]["uuid"] != item["uuid"] and (
+                self.unrelated_relations != "other" or other_relation
+            ):
                 chosen.append(candidates[k])
         return sorted(chosen, key=self.item_key)
 
@@ -369,6 +392,7 @@ class InterventionModule(BaseTask):
             "operations": self.operations,
             "enhance_factor": self.enhance_factor,
             "unrelated_per_query": self.unrelated_per_query,
+            "unrelated_relations": self.unrelated_relations,
             "random_control": self.random_control,
             "cross_lingual": self.cross_lingual,
             "seed": self.seed,
