@@ -59,7 +59,7 @@ def delta_p_figure(rows: list[dict[str, Any]]) -> Any:
     width = 0.8 / max(1, 2 * len(methods))
     colors = plt.get_cmap("tab10")
     for col, op in enumerate(operations):
-        for row, (field, label) in enumerate((("dp_related", "related"), ("dp_unrelated", "unrelated"))):
+        for row, (field, queries) in enumerate((("dp_related", "related"), ("dp_unrelated", "unrelated"))):
             ax = axes[row][col]
             for m, method in enumerate(methods):
                 for k, kind in enumerate(("selected", "random")):
@@ -70,7 +70,9 @@ def delta_p_figure(rows: list[dict[str, Any]]) -> Any:
                     ax.bar(offsets, heights, width, color=colors(m), alpha=alpha, hatch=hatch, label=label)
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks(range(len(groups)), groups)
-            ax.set_title(f"{op}: {label}", fontsize=9)
+            ax.set_title(f"{op}: {queries} queries", fontsize=9)
+            if max((abs(p.get_height()) for p in ax.patches), default=0.0) > 10:
+                ax.set_yscale("symlog", linthresh=1.0)  # enhancement can multiply P many times
             if col == 0:
                 ax.set_ylabel("mean ΔP")
     axes[0][0].legend(fontsize=7)
@@ -114,6 +116,7 @@ def layers_figure(rows: list[dict[str, Any]]) -> Any:
         for k, kind in enumerate(kinds):
             heights = [counts[(name, kind)].get(layer, 0) for layer in range(num_layers)]
             ax.bar(np.arange(num_layers) + (k - 1.5) * width, heights, width, label=kind)
+        ax.set_xticks(range(num_layers))
         ax.set_xlabel("layer")
         ax.set_title(name, fontsize=9)
     axes[0][0].set_ylabel("neurons")
