@@ -8,6 +8,7 @@ for a given seed; nothing is downloaded.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -63,6 +64,21 @@ def _corpus(extra: int = 200) -> list[str]:
     return CORPUS + generated
 
 
+def _word_counts(normalizer: Any, pre_tokenizer: Any) -> list[tuple[str, int]]:
+    """Corpus words as the tokenizer's own normaliser and pre-tokeniser split them, most frequent first."""
+    counts: dict[str, int] = {}
+    for line in _corpus():
+        text = normalizer.normalize_str(line) if normalizer is not None else line
+        for word, _ in pre_tokenizer.pre_tokenize_str(text):
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# The `tokenizers` WordPiece and Unigram trainers are not deterministic across processes (hash order, EM
+# rounding), and DDP ranks / benchmark workers each build their own tokenizer: so those two vocabularies are
+# built deterministically from corpus word counts instead (whole words, then characters as fallback pieces).
+
+
 @functools.cache
 def tiny_tokenizer(kind: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A real fast tokenizer trained on the built-in corpus.
@@ -74,13 +90,16 @@ def tiny_tokenizer(kind: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer = normalizers.BertNormalizer(lowercase=False)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        words = _word_counts(normalizer, pre_tokenizer)
+        chars = sorted({c for w, _ in words for c in w})
+        pieces = [*specials, *chars, *(f"##{c}" for c in chars)]
+        pieces += [w for w, _ in words if w not in set(pieces)][: max(0, vocab_size - len(pieces))]
+        tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(
-            _corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-        )
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -99,13 +118,28 @@ def tiny_tokenizer(kind: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
         )
     if kind == "unigram":
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        pre_tokenizer = pre_tokenizers.Metaspace()
+        # Punctuation stays a piece of its own (as a trained sentencepiece model would have it).
+        words = [
+            (w, c) for w, c in _word_counts(None, pre_tokenizer) if not any(ch in ".,;:!?。、—" for ch in w)
+        ]
+        words += [
+            (w.rstrip(".,;:!?。、"), c) for w, c in _word_counts(None, pre_tokenizer) if w[-1] in ".,;:!?。、"
+        ]
+        total = sum(c for _, c in words)
+        chars = sorted({c for w, _ in words for c in w})
+        scored = [(sp, 0.0) for sp in specials] + [(c, -20.0) for c in chars]
+        seen = {p for p, _ in scored}
+        budget = max(0, vocab_size - len(scored))
+        merged: dict[str, int] = {}
+        for w, c in words:
+            if w not in seen:
+                merged[w] = merged.get(w, 0) + c
+        ranked = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:budget]
+        scored += [(w, math.log(c / total)) for w, c in ranked]
+        tok = Tokenizer(models.Unigram(scored, unk_id=specials.index("<unk>")))
+        tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator(
-            _corpus(),
-            trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>"),
-        )
         bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>",

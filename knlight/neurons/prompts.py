@@ -117,16 +117,27 @@ def _tokenize_in_context(
         contiguous = answer_pos == list(range(answer_pos[0], answer_pos[-1] + 1)) if answer_pos else True
         if not straddles and contiguous:
             return ids, answer_pos, special, list(enc.word_ids())
-    # Fallback: tokenise the three pieces separately and join them with the tokenizer's special tokens.
+    # Fallback: tokenise the three pieces separately and wrap them in the tokenizer's special tokens.
     pieces = [
         tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in (prefix, answer, suffix)
     ]
-    body = [*pieces[0], *pieces[1], *pieces[2]]
-    ids = list(tokenizer.build_inputs_with_special_tokens(body))
-    special = [bool(s) for s in tokenizer.get_special_tokens_mask(body, already_has_special_tokens=False)]
-    offset = special.index(False) if False in special else 0
-    answer_pos = list(range(offset + len(pieces[0]), offset + len(pieces[0]) + len(pieces[1])))
+    before, after = _special_wrapping(tokenizer)
+    ids = [*before, *pieces[0], *pieces[1], *pieces[2], *after]
+    special = [True] * len(before) + [False] * (len(ids) - len(before) - len(after)) + [True] * len(after)
+    start_answer = len(before) + len(pieces[0])
+    answer_pos = list(range(start_answer, start_answer + len(pieces[1])))
     return ids, answer_pos, special, [None if s else i for i, s in enumerate(special)]
+
+
+def _special_wrapping(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text (e.g. [CLS] … [SEP], or BOS …)."""
+    probe = "x"
+    body = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for i in range(len(full) - len(body) + 1):
+        if full[i : i + len(body)] == body:
+            return full[:i], full[i + len(body) :]
+    return [], []
 
 
 def _group_words(
