@@ -110,3 +110,19 @@ def test_unsupported_architecture_names_the_registry() -> None:
     model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1))
     with pytest.raises(UnsupportedModelError, match=r"knlight\.neurons\.sites\.REGISTRY"):
         load_lm(model, tiny("gpt2").tokenizer)
+
+
+def test_tiny_tokenizers_are_identical_in_another_process() -> None:
+    # DDP ranks and benchmark workers each build their own tiny tokenizer: it must be the same one.
+    import subprocess
+    import sys
+
+    from knlight.tiny import tiny_tokenizer
+
+    code = (
+        "from knlight.tiny import tiny_tokenizer\n"
+        "for k in ('wordpiece', 'unigram', 'bpe'): print(tiny_tokenizer(k).backend_tokenizer.to_str())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    mine = "\n".join(tiny_tokenizer(k).backend_tokenizer.to_str() for k in ("wordpiece", "unigram", "bpe"))
+    assert out.strip() == mine.strip()
