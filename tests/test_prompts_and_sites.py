@@ -114,15 +114,22 @@ def test_unsupported_architecture_names_the_registry() -> None:
 
 def test_tiny_tokenizers_are_identical_in_another_process() -> None:
     # DDP ranks and benchmark workers each build their own tiny tokenizer: it must be the same one.
+    import hashlib
     import subprocess
     import sys
 
     from knlight.tiny import tiny_tokenizer
 
     code = (
-        "from knlight.tiny import tiny_tokenizer\n"
-        "for k in ('wordpiece', 'unigram', 'bpe'): print(tiny_tokenizer(k).backend_tokenizer.to_str())"
+        "import hashlib\nfrom knlight.tiny import tiny_tokenizer\n"
+        "for k in ('wordpiece', 'unigram', 'bpe'):\n"
+        "    print(hashlib.sha256(tiny_tokenizer(k).backend_tokenizer.to_str().encode()).hexdigest())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    mine = "\n".join(tiny_tokenizer(k).backend_tokenizer.to_str() for k in ("wordpiece", "unigram", "bpe"))
-    assert out.strip() == mine.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    mine = [
+        hashlib.sha256(tiny_tokenizer(k).backend_tokenizer.to_str().encode()).hexdigest()
+        for k in ("wordpiece", "unigram", "bpe")
+    ]
+    assert out == mine
