@@ -4,7 +4,7 @@ from knlight.tasks.attribution import AttributionModule
 from knlight.tasks.base import BaseTask
 from knlight.tasks.editing import EditingDataModule, EditingModule
 from knlight.tasks.factcheck import FactCheckDataModule, FactCheckModule
-from knlight.tasks.intervention import InterventionModule
+from knlight.tasks.intervention import InterventionModule, NeuronSource
 
 __all__ = [
     "AttributionModule",
@@ -14,4 +14,5 @@ __all__ = [
     "FactCheckDataModule",
     "FactCheckModule",
     "InterventionModule",
+    "NeuronSource",
 ]
