@@ -31,6 +31,17 @@ PROMPTS = [
     ("The official language of Japan is [Y].", "Japanese"),
     ("Albert Einstein was born in [Y].", "Ulm"),
 ]
+# Realistic cloze prompts are longer; the causal speed-up grows with prompt length (rows are single tokens).
+LONG_PROMPTS = [
+    (
+        "According to the encyclopedia and to every atlas printed in the last century, the capital of France is [Y].",
+        "Paris",
+    ),
+    (
+        "Everyone who has studied the history of the region knows that the official language of Japan is [Y].",
+        "Japanese",
+    ),
+]
 SHAPES = {
     "bert": dict(vocab=119_547, layers=12, hidden=768, ff=3072, heads=12),
     "gpt2": dict(vocab=50_257, layers=12, hidden=768, ff=3072, heads=12),
@@ -66,13 +77,13 @@ def build(model: str):
     return LanguageModel(auto.from_config(config).eval(), tokenizer)
 
 
-def worker(model: str, engine: str, n_prompts: int, out: str) -> None:
+def worker(model: str, engine: str, n_prompts: int, out: str, long: bool = False) -> None:
     """Time one engine on one model; write timings, memory and scores to ``out`` (torch.save)."""
     torch.manual_seed(0)
     lm = build(model)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scores, times = [], []
-    prompts = PROMPTS[:n_prompts]
+    prompts = (LONG_PROMPTS if long else PROMPTS)[:n_prompts]
     for query, answer in prompts:
         start = time.perf_counter()
         if engine == "eleuther":
@@ -129,11 +140,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per model (max 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     parser.add_argument("--out", default="benchmarks/results/attribution.json")
+    parser.add_argument("--long", action="store_true", help="use the long prompts (~20-35 tokens)")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL", "ENGINE", "N", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         model, engine, n, out = args.worker
-        worker(model, engine, int(n), out)
+        worker(model, engine, int(n), out, args.long)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +165,7 @@ def main() -> None:
                         continue
                 out = os.path.join(tmp, f"{model}-{engine}.pt")
                 cmd = [sys.executable, __file__, "--worker", model, engine, str(args.prompts), out]
+                cmd += ["--long"] if args.long else []
                 env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
                 subprocess.run(cmd, check=True, env=env)
                 results[engine] = torch.load(out)
@@ -200,6 +213,7 @@ def main() -> None:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
+        prompts="long" if args.long else "short",
         steps=STEPS,
         dtype="float32",
         device="cpu",
