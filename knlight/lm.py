@@ -150,9 +150,9 @@ def load_lm(
         )
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **tok_kwargs)
     if torch_dtype is not None:
-        model = model.to(torch_dtype)
+        model = model.to(torch_dtype)  # type: ignore[arg-type]
     if device is not None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]
     return LanguageModel(model, tokenizer)
 
 

@@ -91,7 +91,7 @@ def tiny_tokenizer(kind: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         normalizer = normalizers.BertNormalizer(lowercase=False)
-        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        pre_tokenizer: Any = pre_tokenizers.BertPreTokenizer()
         words = _word_counts(normalizer, pre_tokenizer)
         chars = sorted({c for w, _ in words for c in w})
         pieces = [*specials, *chars, *(f"##{c}" for c in chars)]
@@ -199,6 +199,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
     sizes = dict(hidden=32, ff=64, layers=3, heads=4)
     sizes.update({k: overrides.pop(k) for k in list(overrides) if k in sizes})
     h, ff, n, heads = sizes["hidden"], sizes["ff"], sizes["layers"], sizes["heads"]
+    cfg: Any
     if model_type == "bert":
         cfg = BertConfig(
             hidden_size=h,

@@ -225,8 +225,11 @@ def attribute_batch(
                 if aggregation == "code":
                     bases = [torch.stack(bases).mean(0)]
             for b in bases:
-                seq_i.append(i), pos_i.append(pos), tok_i.append(tok)
-                abar_list.append(a_bar), base_list.append(b)
+                seq_i.append(i)
+                pos_i.append(pos)
+                tok_i.append(tok)
+                abar_list.append(a_bar)
+                base_list.append(b)
                 clean_f.append(objective_value(clean.log_probs[i][k].float(), objective))
 
     # Expand entries over layers: problem p = (entry, layer slot).

@@ -147,7 +147,7 @@ def _group_words(
     groups: dict[object, list[int]] = {}
     for pos in context:
         key: object = word_ids[pos] if word_ids[pos] is not None else ("tok", pos)
-        if _is_cjk(tokenizer.decode([ids[pos]])):
+        if _is_cjk(str(tokenizer.decode([ids[pos]]))):
             key = ("tok", pos)
         groups.setdefault(key, []).append(pos)
     return tuple(tuple(g) for g in groups.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -41,7 +42,7 @@ class ArchitectureSpec:
     conv1d: bool = False
 
 
-_GATED = dict(
+_GATED: dict = dict(
     masked=False,
     layers=("model.layers", "model.language_model.layers", "layers"),
     out_proj="mlp.down_proj",
@@ -157,7 +158,7 @@ class NeuronSites:
     d_ff: int = field(init=False)
 
     def __post_init__(self) -> None:
-        weight = self.out_projs[0].weight
+        weight: Any = self.out_projs[0].weight
         self.d_ff = int(weight.shape[0] if self.spec.conv1d else weight.shape[1])
 
     @property

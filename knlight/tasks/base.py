@@ -29,7 +29,6 @@ def model_kind(model: str, gguf_file: str | None = None) -> str:
         ``"masked"`` or ``"causal"``.
     """
     from knlight.neurons.sites import spec_for
-
     from knlight.real_models import NAMED_MODEL_TYPES
 
     if model.startswith("tiny:"):
