@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import transformers
-import yaml
+from conftest import print_config
 
-import knlight.tasks.base as base
 from knlight.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,22 +21,7 @@ def test_the_intervention_configs_are_shipped() -> None:
 def test_config_parses_without_loading_weights(
     config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    def forbidden(*args, **kwargs):
-        raise AssertionError(f"parsing a config must not load models or configs: {args}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(base, "load_lm", forbidden)
-    monkeypatch.setattr(base, "model_kind", forbidden)
-    for auto in (
-        transformers.AutoConfig,
-        transformers.AutoModelForCausalLM,
-        transformers.AutoModelForMaskedLM,
-    ):
-        monkeypatch.setattr(auto, "from_pretrained", forbidden)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = print_config(monkeypatch, capsys, ["test", "--config", str(config)])
     assert printed["model"]["class_path"] == "knlight.tasks.intervention.InterventionModule"
     methods = printed["model"]["init_args"]["methods"]
     assert methods and all(set(m) == {"path", "neurons"} for m in methods.values())
