@@ -65,3 +65,17 @@ def print_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
         main([*argv, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def run_knlight_ddp(args: list[str], cwd: Path, timeout: int = 600) -> None:
+    """Run ``python -m knlight <args>`` as a real 2-process CPU DDP job (one thread each); fail with its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "knlight", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from conftest import run_knlight_ddp
 from safetensors.torch import load_file
 from test_editing import fit_args, run_dir, table, write_neurons
 
@@ -26,18 +24,8 @@ def test_ddp_fit_equals_single_process(tmp_path: Path) -> None:
         main(fit_args(tmp_path / "single", neurons, *common, "--data.init_args.batch_size", "2"))
     finally:
         torch.set_num_threads(threads)
-    args = fit_args(tmp_path / "ddp", neurons, *common, "--data.init_args.batch_size", "1",
-                    "--trainer.devices", "2", "--trainer.strategy", "ddp")  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "knlight", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = fit_args(tmp_path / "ddp", neurons, *common, "--data.init_args.batch_size", "1")
+    run_knlight_ddp(args, cwd=tmp_path, timeout=300)
 
     single = load_file(run_dir(tmp_path / "single") / "edit.safetensors")
     ddp = load_file(run_dir(tmp_path / "ddp") / "edit.safetensors")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_knlight_ddp
 
 from knlight.cli import main
 
@@ -33,13 +31,7 @@ def out(root: Path) -> Path:
 def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     assert torch.get_num_threads() == 1  # as each DDP worker below: same kernels, same bits
     main(args(tmp_path / "single"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "knlight", *args(tmp_path / "ddp"), "--trainer.devices", "2",
-         "--trainer.strategy", "ddp"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_knlight_ddp(args(tmp_path / "ddp"), cwd=tmp_path)
 
     single = json.loads((out(tmp_path / "single") / "results.json").read_text("utf-8"))
     ddp = json.loads((out(tmp_path / "ddp") / "results.json").read_text("utf-8"))

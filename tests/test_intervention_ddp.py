@@ -7,13 +7,11 @@ the metric must remove before reducing. Tables are compared byte for byte.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_knlight_ddp
 
 from knlight.cli import main
 
@@ -55,13 +53,7 @@ def test_ddp_two_processes_write_the_same_tables(tmp_path: Path, monkeypatch: py
         torch.set_num_threads(threads)
 
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "knlight", *args(ddp, records), "--trainer.devices", "2",
-         "--trainer.strategy", "ddp"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_knlight_ddp(args(ddp, records), cwd=REPO)
 
     for name in [*(f"{t}.csv" for t in TABLES), "intervention.json"]:
         single = (tmp_path / "single" / "out" / name).read_bytes()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_knlight_ddp
 
 from knlight.cli import main
 
@@ -24,18 +22,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path, tiny_args: Callable
     main(tiny_args(tmp_path / "single"))
 
     ddp = tmp_path / "ddp"
-    args = [*tiny_args(ddp), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-            "--trainer.callbacks.init_args.keep_shards", "true"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "knlight", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_knlight_ddp(
+        [*tiny_args(ddp), "--trainer.callbacks.init_args.keep_shards", "true"], cwd=tmp_path, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-3000:]
 
     single_file = (tmp_path / "single" / OUT / "attributions.jsonl").read_bytes()
     assert (ddp / OUT / "attributions.jsonl").read_bytes() == single_file
