@@ -199,66 +199,31 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
     sizes = dict(hidden=32, ff=64, layers=3, heads=4)
     sizes.update({k: overrides.pop(k) for k in list(overrides) if k in sizes})
     h, ff, n, heads = sizes["hidden"], sizes["ff"], sizes["layers"], sizes["heads"]
-    cfg: Any
-    if model_type == "bert":
-        cfg = BertConfig(
-            hidden_size=h,
-            intermediate_size=ff,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            max_position_embeddings=128,
-            **common,
-        )
-    elif model_type == "xlm-roberta":
-        cfg = XLMRobertaConfig(
-            hidden_size=h,
-            intermediate_size=ff,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            max_position_embeddings=130,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            **common,
-        )
-    elif model_type == "gpt2":
-        cfg = GPT2Config(n_embd=h, n_inner=ff, n_layer=n, n_head=heads, n_positions=128, **common)
-    elif model_type == "llama":
-        cfg = LlamaConfig(
-            hidden_size=h,
-            intermediate_size=ff,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-    elif model_type == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=h,
-            intermediate_size=ff,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-    elif model_type == "gemma3_text":
-        cfg = Gemma3TextConfig(
-            hidden_size=h,
-            intermediate_size=ff,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=128,
-            sliding_window=8,
-            **common,
-        )
-    elif model_type == "bloom":
-        cfg = BloomConfig(hidden_size=h, n_layer=n, n_head=heads, **common)
-    else:
+    # Most families name their sizes the BERT/Llama way; GPT-2 and BLOOM have their own names.
+    standard = dict(hidden_size=h, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=heads)
+    gqa = dict(num_key_value_heads=2, max_position_embeddings=128)
+    families: dict[str, tuple[Any, dict[str, Any]]] = {
+        "bert": (BertConfig, {**standard, "max_position_embeddings": 128}),
+        "xlm-roberta": (
+            XLMRobertaConfig,
+            {
+                **standard,
+                "max_position_embeddings": 130,
+                "pad_token_id": 1,
+                "bos_token_id": 0,
+                "eos_token_id": 2,
+            },
+        ),
+        "gpt2": (GPT2Config, dict(n_embd=h, n_inner=ff, n_layer=n, n_head=heads, n_positions=128)),
+        "llama": (LlamaConfig, {**standard, **gqa}),
+        "qwen2": (Qwen2Config, {**standard, **gqa}),
+        "gemma3_text": (Gemma3TextConfig, {**standard, **gqa, "head_dim": 8, "sliding_window": 8}),
+        "bloom": (BloomConfig, dict(hidden_size=h, n_layer=n, n_head=heads)),  # d_ff is fixed at 4·hidden
+    }
+    if model_type not in families:
         raise ValueError(f"no tiny config for {model_type!r}; choose one of {ARCHITECTURES}")
+    config_class, sizes_kwargs = families[model_type]
+    cfg = config_class(**sizes_kwargs, **common)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
