@@ -1,14 +1,18 @@
-"""Summarise the Gemma 3 270M experiment: neuron counts/layers (+ PNG) and intervention tables (markdown).
+"""Tables (markdown) and layer-distribution plots (PNG) of the Gemma 3 270M experiments.
 
-    .venv/bin/python experiments/gemma/analyze.py NEURONS.json INTERVENTION_DIR > experiments/gemma/results/tables.md
+Reads what exists under ``experiments/gemma/`` (probe table, neuron files, intervention, editing and
+fact-checking outputs copied to ``results/``) and writes ``results/tables.md`` and ``layers_*.png``:
+
+    .venv/bin/python experiments/gemma/analyze.py
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -16,77 +20,264 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+NUM_LAYERS = 18
 
 
-def fmt(x):
-    if x is None:
+def fmt(x: Any, signed: bool = True) -> str:
+    if x is None or x == "":
         return "–"
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return str(x)
+    x = float(x)
     if x != x:
         return "nan"
-    return f"{x:+.3f}" if abs(x) < 100 else f"{x:+.1f}"
+    if abs(x) >= 100:
+        return f"{x:+.0f}" if signed else f"{x:.0f}"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
 
 
-def neurons_section(path: Path) -> None:
-    doc = json.loads(path.read_text())
-    facts = doc["facts"]
-    L = doc["num_layers"]
-    print(f"## Neurons ({path.name}; {len(facts)} facts, {L} layers × {doc['d_ff']})\n")
-    print("| fact | per-language KN (en/es/ja…) | LIKN | LIKN layers | uncertainty | uncertainty layers |")
-    print("|---|---|---|---|---|---|")
-    layers = {"Dai KN (per language)": Counter(), "LIKN": Counter(), "uncertainty": Counter()}
-    for uuid, f in facts.items():
-        langs = f.get("languages", {})
-        for ns in langs.values():
-            layers["Dai KN (per language)"].update(n[0] for n in ns)
-        likn = f.get("language_independent", [])
-        unc = f.get("uncertainty", [])
-        layers["LIKN"].update(n[0] for n in likn)
-        layers["uncertainty"].update(n[0] for n in unc)
-        per = "/".join(f"{k}:{len(v)}" for k, v in sorted(langs.items()))
-        print(f"| {uuid} | {per} | {len(likn)} | {sorted(n[0] for n in likn)} | {len(unc)} | "
-              f"{sorted(n[0] for n in unc)} |")
-    nl = [len(f.get("language_independent", [])) for f in facts.values()]
-    print(f"\nLIKN per fact: mean {sum(nl)/max(len(nl),1):.2f}, facts with ≥1 LIKN: "
-          f"{sum(n > 0 for n in nl)}/{len(nl)}\n")
-    print("Layer counts: " + "; ".join(f"{k}: {dict(sorted(c.items()))}" for k, c in layers.items()) + "\n")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharex=True)
-    for ax, (name, c) in zip(axes, layers.items()):
-        ax.bar(range(L), [c.get(i, 0) for i in range(L)], color="tab:blue")
-        ax.set_title(f"{name} (n={sum(c.values())})")
-        ax.set_xlabel("layer")
-    axes[0].set_ylabel("neurons")
-    fig.suptitle("Gemma 3 270M, capitals (P36) en/es/ja, zero-baseline IG: layer distribution of selected neurons")
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def probe_section(out: list[str]) -> None:
+    path = HERE / "data" / "gemma_multi.jsonl.probe.json"
+    if not path.exists():
+        return
+    table = json.loads(path.read_text())
+    languages = sorted({lang for row in table.values() for lang in row})
+    out += [
+        "## Probe: what Gemma 3 270M knows (first answer token, up to 4 queries × 40 facts per cell)\n",
+        "top-1 / top-10 accuracy, and in brackets the majority baseline (always answer the cell's most frequent "
+        "first answer token). **Bold** = top-1 above the majority baseline.\n",
+        "| relation | " + " | ".join(languages) + " |",
+        "|---|" + "---|" * len(languages),
+    ]
+    for rel, row in sorted(table.items()):
+        cells = []
+        for lang in languages:
+            v = row[lang]
+            text = f"{v['top1']:.2f} / {v['top10']:.2f} ({v['majority']:.2f})"
+            cells.append(f"**{text}**" if v["top1"] > v["majority"] else text)
+        out.append(f"| {rel} | " + " | ".join(cells) + " |")
+    out.append("")
+
+
+def layer_counts(facts: dict[str, Any], kind: str) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    for fact in facts.values():
+        if kind == "language":
+            for neurons in fact.get("languages", {}).values():
+                counts.update(layer for layer, _ in neurons)
+        elif kind == "degenerate":
+            for group in fact.get("degenerate", []):
+                members = group["neurons"] if isinstance(group, dict) else group
+                counts.update(layer for layer, _ in members)
+        else:
+            counts.update(layer for layer, _ in fact.get(kind, []))
+    return counts
+
+
+def neurons_section(out: list[str], files: dict[str, Path]) -> None:
+    files = {name: path for name, path in files.items() if path.exists()}
+    if not files:
+        return
+    out += [
+        "## Neurons per fact (mean) and their layers\n",
+        "| neuron file | facts | per-language KN per fact-language | LIKN per fact (facts with ≥1) | "
+        "uncertainty per fact | DKN groups per fact | top layers of per-language KN |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    kinds = {
+        "language": "per-language KN",
+        "language_independent": "LIKN",
+        "uncertainty": "uncertainty",
+        "degenerate": "DKN members",
+    }
+    fig, axes = plt.subplots(
+        len(files), len(kinds), figsize=(15, 2.6 * len(files)), squeeze=False, sharex=True
+    )
+    for row, (name, path) in enumerate(files.items()):
+        doc = json.loads(path.read_text())
+        facts = doc["facts"]
+        per_language = [len(v) for f in facts.values() for v in f.get("languages", {}).values()]
+        likn = [len(f.get("language_independent", [])) for f in facts.values()]
+        unc = [len(f.get("uncertainty", [])) for f in facts.values()]
+        dkn = [len(f.get("degenerate", [])) for f in facts.values()]
+        top_layers = ", ".join(f"{layer}" for layer, _ in layer_counts(facts, "language").most_common(4))
+        out.append(
+            f"| {name} | {len(facts)} | {sum(per_language) / max(len(per_language), 1):.1f} | "
+            f"{sum(likn) / len(facts):.2f} ({sum(n > 0 for n in likn)}) | {sum(unc) / len(facts):.1f} | "
+            f"{sum(dkn) / len(facts):.1f} | {top_layers} |"
+        )
+        for col, (kind, title) in enumerate(kinds.items()):
+            counts = layer_counts(facts, kind)
+            ax = axes[row][col]
+            ax.bar(range(NUM_LAYERS), [counts.get(i, 0) for i in range(NUM_LAYERS)], color=f"C{col}")
+            ax.set_title(f"{name}: {title} (n={sum(counts.values())})", fontsize=9)
+            ax.set_xlabel("layer")
+    fig.suptitle("Gemma 3 270M, mParaRel P1376/P27/P30 in en/es/fr/ru: layers of the selected neurons")
     fig.tight_layout()
-    fig.savefig(HERE / f"layer_distribution_{path.stem}.png", dpi=110)
+    fig.savefig(HERE / "layers.png", dpi=100)
+    out += ["", "![layer distributions](../layers.png)", ""]
 
 
-def intervention_section(d: Path) -> None:
-    doc = json.loads((d / "intervention.json").read_text())
-    print("## Intervention (mean over fact×language units; ΔP = P_after/P_before − 1)\n")
-    print("| method | neurons | op | group | units | ΔP related | ΔP unrelated | SR | acc before→after |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in doc["intervention"]:
-        if r["group_by"] == "relation":
-            continue
-        print(f"| {r['method']} | {r['neurons']} | {r['operation']} | {r['group']} | {r['units']} "
-              f"(+{r['units_without_neurons']} empty) | {fmt(r['dp_related'])} | {fmt(r['dp_unrelated'])} | "
-              f"{fmt(r['sr'])} | {fmt(r['acc_before'])}→{fmt(r['acc_after'])} |")
-    print("\n## Cross-lingual suppression (neurons of `source`, ΔP on `target` queries of the same fact)\n")
-    print("| method | source | target | units | ΔP |")
-    print("|---|---|---|---|---|")
-    for r in doc["cross_lingual"]:
-        print(f"| {r['method']} | {r['source']} | {r['target']} | {r['units']} | {fmt(r['dp'])} |")
-    print("\n## Counts\n")
-    print("```")
-    print(json.dumps(doc.get("counts"), indent=1, ensure_ascii=False)[:2000])
-    print("```")
+def intervention_section(out: list[str], directory: Path) -> None:
+    path = directory / "intervention.csv"
+    if not path.exists():
+        return
+    rows = read_csv(path)
+    by = {(r["method"], r["neurons"], r["operation"], r["group_by"], r["group"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    operations = list(dict.fromkeys(r["operation"] for r in rows))
+    groups = list(
+        dict.fromkeys((r["group_by"], r["group"]) for r in rows if r["group_by"] in ("all", "language"))
+    )
+    out += [
+        "## Intervention: ΔP = P_after / P_before − 1 of the answer's first token (mean over fact × language units)\n",
+        "rel = the fact's own queries, unrel = queries of facts of *other relations* in the same language; "
+        "SR = ΔP rel / ΔP unrel; random = as many random neurons per layer as the set.\n",
+        "| method | group | units | #neurons | "
+        + " | ".join(f"{op} rel / unrel (SR)" for op in operations)
+        + " | random: "
+        + " / ".join(f"{op} rel" for op in operations)
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(operations) + 1),
+    ]
+    facts_rows = read_csv(directory / "facts.csv") if (directory / "facts.csv").exists() else []
+    sizes: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for r in facts_rows:
+        if r["neurons"] == "selected" and r["operation"] == operations[0]:
+            sizes[(r["method"], r["language"])].append(int(r["num_neurons"]))
+            sizes[(r["method"], "all")].append(int(r["num_neurons"]))
+    for method in methods:
+        for group_by, group in groups:
+            first = by.get((method, "selected", operations[0], group_by, group))
+            if first is None:
+                continue
+            size = sizes.get((method, group), [])
+            cells = []
+            for op in operations:
+                r = by.get((method, "selected", op, group_by, group))
+                cells.append(
+                    "–"
+                    if r is None
+                    else f"{fmt(r['dp_related'])} / {fmt(r['dp_unrelated'])} ({fmt(r['sr'], False)})"
+                )
+            randoms = [by.get((method, "random", op, group_by, group)) for op in operations]
+            random_cell = " / ".join("–" if r is None else fmt(r["dp_related"]) for r in randoms)
+            out.append(
+                f"| {method} | {group} | {first['units']} | {sum(size) / max(len(size), 1):.1f} | "
+                + " | ".join(cells)
+                + f" | {random_cell} |"
+            )
+    out.append("")
+    cross = directory / "cross_lingual.csv"
+    if cross.exists():
+        rows = read_csv(cross)
+        languages = list(dict.fromkeys(r["target"] for r in rows))
+        out += [
+            "### Cross-lingual suppression: neurons of the source language, ΔP on the same fact's target-language "
+            "queries\n",
+            "| method | source | " + " | ".join(languages) + " |",
+            "|---|---|" + "---|" * len(languages),
+        ]
+        table = {(r["method"], r["source"], r["target"]): r for r in rows}
+        for method, source in dict.fromkeys((r["method"], r["source"]) for r in rows):
+            cells = [
+                fmt(table[(method, source, t)]["dp"]) if (method, source, t) in table else "–"
+                for t in languages
+            ]
+            out.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
+        out.append("")
+
+
+def editing_section(out: list[str], directory: Path) -> None:
+    runs = sorted(directory.glob("*/editing_test.json")) or sorted(directory.glob("*/editing_val.json"))
+    if not runs:
+        return
+    out += [
+        "## Editing (edit language en; new object = a wrong object of the same relation)\n",
+        "top-1 of the new object; `old` = top-1 of the old object after the edit; locality = top-1 agreement "
+        "with the unedited model on held-out facts (see each run's JSON for every measure).\n",
+    ]
+    header_done = False
+    for path in runs:
+        rows = json.loads(path.read_text())["rows"]
+        values = {(r["method"], r["role"], r["measure"], r["language"]): r["value"] for r in rows}
+        languages = sorted({r["language"] for r in rows if r["role"] == "generality_cross"})
+        measures = sorted({(r["method"], r["role"], r["measure"]) for r in rows})
+        if not header_done:
+            out += [
+                "| rule | method | reliability | generality en | "
+                + " | ".join(f"generality {lang}" for lang in languages)
+                + " | locality |",
+                "|---|---|---|---|" + "---|" * len(languages) + "---|",
+            ]
+            header_done = True
+        for method in dict.fromkeys(m for m, _, _ in measures):
+
+            def get(
+                role: str, language: str, measure: str = "top1", method: str = method, values: dict = values
+            ) -> str:
+                return fmt(values.get((method, role, measure, language)), False)
+
+            locality = next(
+                (
+                    v
+                    for (m, role, _, lang), v in values.items()
+                    if m == method and role == "locality" and lang == "all"
+                ),
+                None,
+            )
+            out.append(
+                f"| {path.parent.name} | {method} | {get('reliability', 'all')} | {get('generality_lang', 'all')} | "
+                + " | ".join(get("generality_cross", lang) for lang in languages)
+                + f" | {fmt(locality, False)} |"
+            )
+    out.append("")
+
+
+def factcheck_section(out: list[str], directory: Path) -> None:
+    path = directory / "results.csv"
+    if not path.exists():
+        return
+    rows = read_csv(path)
+    columns = list(rows[0])
+    out += ["## Fact-checking (test split)\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append(
+            "| " + " | ".join(r[c] if not _is_float(r[c]) else fmt(r[c], False) for c in columns) + " |"
+        )
+    out.append("")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "." in text
+
+
+def main() -> None:
+    out: list[str] = ["# Gemma 3 270M experiment tables (generated by experiments/gemma/analyze.py)\n"]
+    probe_section(out)
+    neurons_section(
+        out,
+        {
+            "zero (Dai)": RESULTS / "neurons-zero.json",
+            "zero, LIKN ≥3 of 4": RESULTS / "neurons-zero-likn3.json",
+            "AMIG": RESULTS / "neurons-amig.json",
+            "AMIG, LIKN ≥3 of 4": RESULTS / "neurons-amig-likn3.json",
+        },
+    )
+    intervention_section(out, RESULTS / "intervention")
+    editing_section(out, RESULTS / "editing")
+    factcheck_section(out, RESULTS / "factcheck")
+    (RESULTS / "tables.md").write_text("\n".join(out) + "\n", encoding="utf-8")
+    print("\n".join(out))
 
 
 if __name__ == "__main__":
-    neurons_section(Path(sys.argv[1]))
-    if len(sys.argv) > 2:
-        intervention_section(Path(sys.argv[2]))
+    main()

@@ -59,7 +59,9 @@ def answer_ranks(lm, pairs: list[tuple[str, str]], batch_size: int = 32) -> list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default="../shared/data/mpararel")
     parser.add_argument("--languages", default=",".join(CANDIDATE_LANGUAGES))
     parser.add_argument("--relations", default=",".join(CANDIDATE_RELATIONS))
@@ -120,14 +122,18 @@ def main() -> None:
         log.info(
             "%-6s %s",
             rel,
-            "  ".join(f"{lang}:{v['top1']:.2f}/{v['top10']:.2f}/maj{v['majority']:.2f}" for lang, v in row.items()),
+            "  ".join(
+                f"{lang}:{v['top1']:.2f}/{v['top10']:.2f}/maj{v['majority']:.2f}" for lang, v in row.items()
+            ),
         )
 
     # relations that beat their majority baseline in most languages; languages that beat it on those relations
     def beats(rel: str, lang: str) -> bool:
         return table[rel][lang]["top1"] > table[rel][lang]["majority"]
 
-    good_relations = [rel for rel in table if sum(beats(rel, lang) for lang in languages) > len(languages) / 2]
+    good_relations = [
+        rel for rel in table if sum(beats(rel, lang) for lang in languages) > len(languages) / 2
+    ]
     good_relations.sort(key=lambda rel: -sum(table[rel][lang]["top1"] for lang in languages))
     kept_languages = auto_languages = [
         lang
@@ -137,7 +143,9 @@ def main() -> None:
     ]
     if args.keep_languages:
         kept_languages = args.keep_languages.split(",")
-    kept_relations = args.keep_relations.split(",") if args.keep_relations else good_relations[: args.max_relations]
+    kept_relations = (
+        args.keep_relations.split(",") if args.keep_relations else good_relations[: args.max_relations]
+    )
     log.info("relations above chance (best first): %s; kept %s", good_relations, kept_relations)
     log.info("languages above chance: %s; kept %s", auto_languages, kept_languages)
 
