@@ -13,7 +13,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMPOSE_WITH = {
     "localize": [CONFIGS / "trainer" / "localize.yaml"],
     "gemma/localize.yaml": [CONFIGS / "trainer" / "localize.yaml", CONFIGS / "localize" / "gemma3-270m.yaml"],
+    "gemma/localize-amig.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "gemma3-270m.yaml",
+        CONFIGS / "gemma" / "localize.yaml",
+    ],
     "gemma/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
+    "gemma/edit.yaml": [CONFIGS / "edit" / "gemma3-270m.yaml"],
+    "gemma/factcheck.yaml": [CONFIGS / "factcheck" / "gemma3-270m.yaml"],
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 # The subcommand each task runs under.

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Experiments 1-4 after localization (experiments/gemma/run_localize.sh): selection, intervention, editing with
+# four neuron rules, fact-checking. Each step logs to experiments/gemma/logs/<step>.log with its wall time; the
+# result files are copied to experiments/gemma/results/.
+set -uo pipefail   # a failed step is logged; the later ones still run
+cd "$(dirname "$0")/../.."
+source .venv/bin/activate
+export OMP_NUM_THREADS=2
+G=experiments/gemma
+R=$G/results
+mkdir -p $G/logs $R
+timed() {  # timed <log name> <command...>
+  local name=$1; shift
+  echo "\$ $*" > $G/logs/$name.log
+  /usr/bin/time -f "WALL %e s, max RSS %M KB" "$@" >> $G/logs/$name.log 2>&1
+}
+latest() { ls -d "$1"/version_* | sort -t_ -k2 -n | tail -1; }
+
+if [[ " ${STEPS:-select intervene edit factcheck} " == *" select "* ]]; then
+  timed select-zero python -m knlight.select --attributions $G/runs/localize-zero/attributions \
+    --output $R/neurons-zero.json --uncertainty.enabled true --dkn.enabled true --dkn.grow false
+  timed select-zero-likn3 python -m knlight.select --attributions $G/runs/localize-zero/attributions \
+    --output $R/neurons-zero-likn3.json --uncertainty.enabled true --likn.min_languages 3
+  timed select-amig python -m knlight.select --attributions $G/runs/localize-amig/attributions \
+    --output $R/neurons-amig.json --uncertainty.enabled true
+  timed select-amig-likn3 python -m knlight.select --attributions $G/runs/localize-amig/attributions \
+    --output $R/neurons-amig-likn3.json --uncertainty.enabled true --likn.min_languages 3
+  cp $G/runs/localize-zero/attributions/summary.json $R/localize-zero-summary.json
+  cp $G/runs/localize-amig/attributions/summary.json $R/localize-amig-summary.json
+fi
+
+if [[ " ${STEPS:-select intervene edit factcheck} " == *" intervene "* ]]; then
+  timed intervene knlight test --config configs/intervene/gemma3-270m.yaml --config configs/gemma/intervene.yaml
+  rm -rf $R/intervention && cp -r "$(latest $G/runs/intervene)/intervention" $R/intervention
+fi
+
+if [[ " ${STEPS:-select intervene edit factcheck} " == *" edit "* ]]; then
+  # the same edit requests for every rule: facts with LIKN (>= 3 of 4 languages), at most 12, by a stable hash
+  python - <<'PY'
+import hashlib, json
+facts = json.load(open("experiments/gemma/results/neurons-zero-likn3.json"))["facts"]
+chosen = sorted((u for u, f in facts.items() if f.get("language_independent") and f.get("languages", {}).get("en")),
+                key=lambda u: hashlib.sha256(u.encode()).hexdigest())[:12]
+with open("experiments/gemma/results/edits.jsonl", "w") as out:
+    for uuid in sorted(chosen):
+        out.write(json.dumps({"uuid": uuid}) + "\n")
+print(len(chosen), "edit requests")
+PY
+  for rule in language_independent language:en random ffn; do
+    name=edit-${rule/:/-}
+    timed $name knlight fit --config configs/edit/gemma3-270m.yaml --config configs/gemma/edit.yaml \
+      --model.init_args.neuron_rule $rule --trainer.logger.init_args.name $name
+    mkdir -p $R/editing/$name && cp "$(latest $G/runs/$name)"/editing_*.{json,csv} $R/editing/$name/
+  done
+fi
+
+if [[ " ${STEPS:-select intervene edit factcheck} " == *" factcheck "* ]]; then
+  timed factcheck knlight test --config configs/factcheck/gemma3-270m.yaml --config configs/gemma/factcheck.yaml
+  rm -rf $R/factcheck && cp -r "$(latest $G/runs/factcheck)/factcheck" $R/factcheck
+fi
