@@ -19,7 +19,7 @@ latest() { ls -d "$1"/version_* | sort -t_ -k2 -n | tail -1; }
 ALL="select-zero select-amig intervene edit factcheck"
 if [[ " ${STEPS:-$ALL} " == *" select-zero "* ]]; then
   timed select-zero python -m knlight.select --attributions $G/runs/localize-zero/attributions \
-    --output $R/neurons-zero.json --uncertainty.enabled true --dkn.enabled true --dkn.grow false
+    --output $R/neurons-zero.json --uncertainty.enabled true
   timed select-zero-likn3 python -m knlight.select --attributions $G/runs/localize-zero/attributions \
     --output $R/neurons-zero-likn3.json --uncertainty.enabled true --likn.min_languages 3
   cp $G/runs/localize-zero/attributions/summary.json $R/localize-zero-summary.json

@@ -198,7 +198,8 @@ def degenerate_neurons(
 ) -> DegenerateResult:
     """AMIG Algorithm 1 (pairs), plus greedy growth to larger sets.
 
-    All single and pair suppressions of the top-K neurons are evaluated in one batched pass.
+    The single suppressions of the top-K neurons are evaluated in one batched pass, then the pairs of the
+    candidates (singles that drop P by at most ``t_low``) in another.
 
     Args:
         lm: A :class:`knlight.LanguageModel`.
@@ -211,16 +212,15 @@ def degenerate_neurons(
         batch_rows: Rows (query × neuron set) per forward.
     """
     top = list(top)
-    pair_list = list(itertools.combinations(top, 2))
-    drops = _drops(lm, items, [[n] for n in top] + [list(pq) for pq in pair_list], batch_rows)
-    single = {n: float(drops[i]) for i, n in enumerate(top)}
+    # Singles first: only pairs of candidates can be degenerate, so the other pairs are never measured.
+    single_drops = _drops(lm, items, [[n] for n in top], batch_rows)
+    single = {n: float(single_drops[i]) for i, n in enumerate(top)}
     candidates = [n for n in top if single[n] <= t_low]
-    cand = set(candidates)
-    pairs = [
-        pq
-        for k, pq in enumerate(pair_list)
-        if pq[0] in cand and pq[1] in cand and float(drops[len(top) + k]) > t_high
-    ]
+    pair_list = list(itertools.combinations(candidates, 2))
+    pair_drops = (
+        _drops(lm, items, [list(pq) for pq in pair_list], batch_rows) if pair_list else torch.zeros(0)
+    )
+    pairs = [pq for k, pq in enumerate(pair_list) if float(pair_drops[k]) > t_high]
     sets: list[list[Neuron]] = []
     if grow:
         in_pair = {n for pq in pairs for n in pq}
