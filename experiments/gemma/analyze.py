@@ -70,9 +70,9 @@ def layer_counts(facts: dict[str, Any], kind: str) -> Counter[int]:
             for neurons in fact.get("languages", {}).values():
                 counts.update(layer for layer, _ in neurons)
         elif kind == "degenerate":
-            for group in fact.get("degenerate", []):
-                members = group["neurons"] if isinstance(group, dict) else group
-                counts.update(layer for layer, _ in members)
+            dkn = fact.get("degenerate") or {}
+            for group in [*dkn.get("pairs", []), *dkn.get("sets", [])]:
+                counts.update(layer for layer, _ in group)
         else:
             counts.update(layer for layer, _ in fact.get(kind, []))
     return counts
@@ -103,7 +103,7 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
         per_language = [len(v) for f in facts.values() for v in f.get("languages", {}).values()]
         likn = [len(f.get("language_independent", [])) for f in facts.values()]
         unc = [len(f.get("uncertainty", [])) for f in facts.values()]
-        dkn = [len(f.get("degenerate", [])) for f in facts.values()]
+        dkn = [sum(len(v) for v in (f.get("degenerate") or {}).values()) for f in facts.values()]
         top_layers = ", ".join(f"{layer}" for layer, _ in layer_counts(facts, "language").most_common(4))
         out.append(
             f"| {name} | {len(facts)} | {sum(per_language) / max(len(per_language), 1):.1f} | "
@@ -197,43 +197,48 @@ def editing_section(out: list[str], directory: Path) -> None:
     if not runs:
         return
     out += [
-        "## Editing (edit language en; new object = a wrong object of the same relation)\n",
-        "top-1 of the new object; `old` = top-1 of the old object after the edit; locality = top-1 agreement "
-        "with the unedited model on held-out facts (see each run's JSON for every measure).\n",
+        "## Editing (12 facts, edit language en, new object = a wrong object of the same relation)\n",
+        "Cells: top-1 rate of the new object's first token / share where log P(new) > log P(old). "
+        "Locality: share of held-out queries whose top-1 is unchanged / mean KL(edited ‖ unedited). "
+        "`unedited` = before any edit; `direct` = Dai et al.'s training-free W_out edit of the same neurons.\n",
     ]
-    header_done = False
+    languages: list[str] = []
     for path in runs:
         rows = json.loads(path.read_text())["rows"]
         values = {(r["method"], r["role"], r["measure"], r["language"]): r["value"] for r in rows}
-        languages = sorted({r["language"] for r in rows if r["role"] == "generality_cross"})
-        measures = sorted({(r["method"], r["role"], r["measure"]) for r in rows})
-        if not header_done:
+        if not languages:
+            languages = sorted(
+                {r["language"] for r in rows if r["role"] == "generality_cross" and r["language"] != "all"}
+            )
             out += [
-                "| rule | method | reliability | generality en | "
-                + " | ".join(f"generality {lang}" for lang in languages)
+                "| neuron rule | #neurons | method | reliability (en) | other en rephrasing | "
+                + " | ".join(languages)
                 + " | locality |",
-                "|---|---|---|---|" + "---|" * len(languages) + "---|",
+                "|---|---|---|---|---|" + "---|" * len(languages) + "---|",
             ]
-            header_done = True
-        for method in dict.fromkeys(m for m, _, _ in measures):
+        size = json.loads(path.read_text()).get("num_neurons", "")
+        for method in ("unedited", "edited", "direct"):
+            if (method, "reliability", "top1", "all") not in values:
+                continue
 
-            def get(
-                role: str, language: str, measure: str = "top1", method: str = method, values: dict = values
-            ) -> str:
-                return fmt(values.get((method, role, measure, language)), False)
+            def cell(role: str, language: str, method: str = method, values: dict = values) -> str:
+                top1, wins = (
+                    values.get((method, role, "top1", language)),
+                    values.get((method, role, "rank", language)),
+                )
+                return f"{fmt(top1, False)} / {fmt(wins, False)}"
 
-            locality = next(
-                (
-                    v
-                    for (m, role, _, lang), v in values.items()
-                    if m == method and role == "locality" and lang == "all"
-                ),
-                None,
+            locality = (
+                "–"
+                if method == "unedited"
+                else f"{fmt(values.get((method, 'locality', 'top1', 'all')), False)} / "
+                f"{fmt(values.get((method, 'locality', 'kl', 'all')), False)}"
             )
             out.append(
-                f"| {path.parent.name} | {method} | {get('reliability', 'all')} | {get('generality_lang', 'all')} | "
-                + " | ".join(get("generality_cross", lang) for lang in languages)
-                + f" | {fmt(locality, False)} |"
+                f"| {path.parent.name.removeprefix('edit-')} | {size} | {method} | {cell('reliability', 'all')} | "
+                f"{cell('generality_lang', 'all')} | "
+                + " | ".join(cell("generality_cross", lang) for lang in languages)
+                + f" | {locality} |"
             )
     out.append("")
 
