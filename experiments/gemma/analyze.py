@@ -84,7 +84,7 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
         return
     out += [
         "## Neurons per fact (mean) and their layers\n",
-        "| neuron file | facts | per-language KN per fact-language | LIKN per fact (facts with ≥1) | "
+        "| neuron file | facts | per-language KN per fact-language (by language) | LIKN per fact (facts with ≥1) | "
         "uncertainty per fact | DKN groups per fact | top layers of per-language KN |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -101,12 +101,19 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
         doc = json.loads(path.read_text())
         facts = doc["facts"]
         per_language = [len(v) for f in facts.values() for v in f.get("languages", {}).values()]
+        by_language: dict[str, list[int]] = defaultdict(list)
+        for f in facts.values():
+            for lang, neurons in f.get("languages", {}).items():
+                by_language[lang].append(len(neurons))
+        by_language_text = ", ".join(
+            f"{lang} {sum(v) / len(v):.0f}" for lang, v in sorted(by_language.items())
+        )
         likn = [len(f.get("language_independent", [])) for f in facts.values()]
         unc = [len(f.get("uncertainty", [])) for f in facts.values()]
         dkn = [sum(len(v) for v in (f.get("degenerate") or {}).values()) for f in facts.values()]
         top_layers = ", ".join(f"{layer}" for layer, _ in layer_counts(facts, "language").most_common(4))
         out.append(
-            f"| {name} | {len(facts)} | {sum(per_language) / max(len(per_language), 1):.1f} | "
+            f"| {name} | {len(facts)} | {sum(per_language) / max(len(per_language), 1):.1f} ({by_language_text}) | "
             f"{sum(likn) / len(facts):.2f} ({sum(n > 0 for n in likn)}) | {sum(unc) / len(facts):.1f} | "
             f"{sum(dkn) / len(facts):.1f} | {top_layers} |"
         )
@@ -119,7 +126,28 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
     fig.suptitle("Gemma 3 270M, mParaRel P1376/P27/P30 in en/es/fr/ru: layers of the selected neurons")
     fig.tight_layout()
     fig.savefig(HERE / "layers.png", dpi=100)
-    out += ["", "![layer distributions](../layers.png)", ""]
+    out += [
+        "",
+        "![layer distributions](../layers.png)",
+        "",
+        "### Are the neurons fact-specific? Sharing of LIKN and uncertainty neurons across facts\n",
+        "| neuron file | kind | memberships | distinct neurons | most shared neurons (facts: relations) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, path in files.items():
+        facts = json.loads(path.read_text())["facts"]
+        for kind in ("language_independent", "uncertainty"):
+            owners: dict[tuple[int, int], list[str]] = defaultdict(list)
+            for fact in facts.values():
+                for layer, index in fact.get(kind, []):
+                    owners[(layer, index)].append(fact["relation"])
+            total = sum(len(v) for v in owners.values())
+            shared = sorted(owners.items(), key=lambda item: -len(item[1]))[:3]
+            described = "; ".join(
+                f"L{layer}.{index} ({len(rels)}: {dict(Counter(rels))})" for (layer, index), rels in shared
+            )
+            out.append(f"| {name} | {kinds[kind]} | {total} | {len(owners)} | {described} |")
+    out.append("")
 
 
 def intervention_section(out: list[str], directory: Path) -> None:
