@@ -78,6 +78,38 @@ def layer_counts(facts: dict[str, Any], kind: str) -> Counter[int]:
     return counts
 
 
+def plot_layers(files: dict[str, Path]) -> None:
+    """One row per baseline (zero = Dai, AMIG): per-language KN, strict LIKN, LIKN in >= 3 of 4, uncertainty."""
+    rows = [(name, files.get(name), files.get(f"{name}, LIKN ≥3 of 4")) for name in ("zero (Dai)", "AMIG")]
+    rows = [row for row in rows if row[1] is not None]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 4, figsize=(15, 2.8 * len(rows)), squeeze=False, sharex=True)
+    for r, (name, path, relaxed) in enumerate(rows):
+        facts = json.loads(path.read_text())["facts"]
+        panels = [
+            ("per-language KN", layer_counts(facts, "language")),
+            ("LIKN, all 4 languages", layer_counts(facts, "language_independent")),
+            (
+                "LIKN, ≥3 of 4 languages",
+                layer_counts(json.loads(relaxed.read_text())["facts"], "language_independent")
+                if relaxed
+                else Counter(),
+            ),
+            ("uncertainty-aware (top 5)", layer_counts(facts, "uncertainty")),
+        ]
+        for c, (title, counts) in enumerate(panels):
+            ax = axes[r][c]
+            ax.bar(range(NUM_LAYERS), [counts.get(i, 0) for i in range(NUM_LAYERS)], color=f"C{c}")
+            ax.set_title(f"{name}: {title} (n={sum(counts.values())})", fontsize=9)
+            ax.set_xlabel("layer")
+    fig.suptitle(
+        "Gemma 3 270M, mParaRel P1376/P27/P30 in en/es/fr/ru (27 facts): layers of the selected neurons"
+    )
+    fig.tight_layout()
+    fig.savefig(HERE / "layers.png", dpi=100)
+
+
 def neurons_section(out: list[str], files: dict[str, Path]) -> None:
     files = {name: path for name, path in files.items() if path.exists()}
     if not files:
@@ -94,10 +126,7 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
         "uncertainty": "uncertainty",
         "degenerate": "DKN members",
     }
-    fig, axes = plt.subplots(
-        len(files), len(kinds), figsize=(15, 2.6 * len(files)), squeeze=False, sharex=True
-    )
-    for row, (name, path) in enumerate(files.items()):
+    for name, path in files.items():
         doc = json.loads(path.read_text())
         facts = doc["facts"]
         per_language = [len(v) for f in facts.values() for v in f.get("languages", {}).values()]
@@ -117,15 +146,7 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
             f"{sum(likn) / len(facts):.2f} ({sum(n > 0 for n in likn)}) | {sum(unc) / len(facts):.1f} | "
             f"{sum(dkn) / len(facts):.1f} | {top_layers} |"
         )
-        for col, (kind, title) in enumerate(kinds.items()):
-            counts = layer_counts(facts, kind)
-            ax = axes[row][col]
-            ax.bar(range(NUM_LAYERS), [counts.get(i, 0) for i in range(NUM_LAYERS)], color=f"C{col}")
-            ax.set_title(f"{name}: {title} (n={sum(counts.values())})", fontsize=9)
-            ax.set_xlabel("layer")
-    fig.suptitle("Gemma 3 270M, mParaRel P1376/P27/P30 in en/es/fr/ru: layers of the selected neurons")
-    fig.tight_layout()
-    fig.savefig(HERE / "layers.png", dpi=100)
+    plot_layers(files)
     out += [
         "",
         "![layer distributions](../layers.png)",
@@ -300,7 +321,7 @@ def main() -> None:
         out,
         {
             "zero (Dai)": RESULTS / "neurons-zero.json",
-            "zero, LIKN ≥3 of 4": RESULTS / "neurons-zero-likn3.json",
+            "zero (Dai), LIKN ≥3 of 4": RESULTS / "neurons-zero-likn3.json",
             "AMIG": RESULTS / "neurons-amig.json",
             "AMIG, LIKN ≥3 of 4": RESULTS / "neurons-amig-likn3.json",
         },
