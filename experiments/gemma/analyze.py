@@ -242,7 +242,9 @@ def intervention_section(out: list[str], directory: Path) -> None:
 
 
 def editing_section(out: list[str], directory: Path) -> None:
+    order = ["edit-language_independent", "edit-language-en", "edit-random", "edit-ffn"]
     runs = sorted(directory.glob("*/editing_test.json")) or sorted(directory.glob("*/editing_val.json"))
+    runs.sort(key=lambda path: order.index(path.parent.name) if path.parent.name in order else len(order))
     if not runs:
         return
     out += [
