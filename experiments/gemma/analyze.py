@@ -117,8 +117,8 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
     out += [
         "## Neurons per fact (mean) and their layers\n",
         "| neuron file | facts | per-language KN per fact-language (by language) | LIKN per fact (facts with ≥1) | "
-        "uncertainty per fact | DKN groups per fact | top layers of per-language KN |",
-        "|---|---|---|---|---|---|---|",
+        "uncertainty per fact | top layers of per-language KN |",
+        "|---|---|---|---|---|---|",
     ]
     kinds = {
         "language": "per-language KN",
@@ -139,12 +139,11 @@ def neurons_section(out: list[str], files: dict[str, Path]) -> None:
         )
         likn = [len(f.get("language_independent", [])) for f in facts.values()]
         unc = [len(f.get("uncertainty", [])) for f in facts.values()]
-        dkn = [sum(len(v) for v in (f.get("degenerate") or {}).values()) for f in facts.values()]
         top_layers = ", ".join(f"{layer}" for layer, _ in layer_counts(facts, "language").most_common(4))
         out.append(
             f"| {name} | {len(facts)} | {sum(per_language) / max(len(per_language), 1):.1f} ({by_language_text}) | "
             f"{sum(likn) / len(facts):.2f} ({sum(n > 0 for n in likn)}) | {sum(unc) / len(facts):.1f} | "
-            f"{sum(dkn) / len(facts):.1f} | {top_layers} |"
+            f"{top_layers} |"
         )
     plot_layers(files)
     out += [
