@@ -298,11 +298,34 @@ def factcheck_section(out: list[str], directory: Path) -> None:
     if not path.exists():
         return
     rows = read_csv(path)
-    columns = list(rows[0])
-    out += ["## Fact-checking (test split)\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
+    doc = json.loads((directory / "results.json").read_text())
+    languages = list(dict.fromkeys(r["group"] for r in rows if r["group_by"] == "language"))
+    relations = list(dict.fromkeys(r["group"] for r in rows if r["group_by"] == "relation"))
+    counts, reference = doc["counts"], doc["reference"]
+    out += [
+        f"## Fact-checking (test split: {counts['facts']} facts, {counts['claims']} claims, "
+        f"{counts['false_claims']} false)\n",
+        "Positive class = false claim; thresholds chosen on the validation split. Reference: flagging every claim "
+        f"gives F1 {reference['f1_flag_all']:.2f}; chance AUROC {reference['auroc_chance']:.2f}.\n",
+        "| detector | F1 | AUROC | " + " | ".join(f"AUROC {g}" for g in languages + relations) + " |",
+        "|---|---|---|" + "---|" * (len(languages) + len(relations)),
+    ]
+    by = {(r["detector"], r["group_by"], r["group"]): r for r in rows}
+    for detector in dict.fromkeys(r["detector"] for r in rows):
+        overall = by[(detector, "all", "all")]
+        groups = [by.get((detector, "language", g)) for g in languages]
+        groups += [by.get((detector, "relation", g)) for g in relations]
         out.append(
-            "| " + " | ".join(r[c] if not _is_float(r[c]) else fmt(r[c], False) for c in columns) + " |"
+            f"| {detector} | {fmt(overall['f1'], False)} | {fmt(overall['auroc'], False)} | "
+            + " | ".join("–" if g is None else fmt(g["auroc"], False) for g in groups)
+            + " |"
+        )
+    out += ["", "Relation DKN sets (from the train split):", ""]
+    for rset in doc.get("relation_sets", []):
+        neurons = ", ".join(f"L{layer}.{index}" for layer, index in rset["neurons"])
+        out.append(
+            f"* {rset['relation']}: {len(rset['neurons'])} neurons ({rset['source']}, {rset['pairs']} DKN pairs "
+            f"from {rset['train_claims']} claims): {neurons}"
         )
     out.append("")
 
@@ -329,7 +352,7 @@ def main() -> None:
     )
     intervention_section(out, RESULTS / "intervention")
     editing_section(out, RESULTS / "editing")
-    factcheck_section(out, RESULTS / "factcheck")
+    factcheck_section(out, RESULTS / "factcheck" / "test")
     (RESULTS / "tables.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     print("\n".join(out))
 
