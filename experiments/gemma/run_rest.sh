@@ -17,28 +17,25 @@ timed() {  # timed <log name> <command...>
 latest() { ls -d "$1"/version_* | sort -t_ -k2 -n | tail -1; }
 
 ALL="select-zero select-amig intervene edit factcheck"
-if [[ " ${STEPS:-$ALL} " == *" select-zero "* ]]; then
-  timed select-zero python -m knlight.select --attributions $G/runs/localize-zero/attributions \
-    --output $R/neurons-zero.json --uncertainty.enabled true
-  timed select-zero-likn3 python -m knlight.select --attributions $G/runs/localize-zero/attributions \
-    --output $R/neurons-zero-likn3.json --uncertainty.enabled true --likn.min_languages 3
-  cp $G/runs/localize-zero/attributions/summary.json $R/localize-zero-summary.json
-fi
+wants() { [[ " ${STEPS:-$ALL} " == *" $1 "* ]]; }
 
-if [[ " ${STEPS:-$ALL} " == *" select-amig "* ]]; then
-  timed select-amig python -m knlight.select --attributions $G/runs/localize-amig/attributions \
-    --output $R/neurons-amig.json --uncertainty.enabled true
-  timed select-amig-likn3 python -m knlight.select --attributions $G/runs/localize-amig/attributions \
-    --output $R/neurons-amig-likn3.json --uncertainty.enabled true --likn.min_languages 3
-  cp $G/runs/localize-amig/attributions/summary.json $R/localize-amig-summary.json
-fi
+for baseline in zero amig; do  # strict LIKN (all 4 languages), and LIKN in >= 3 of 4
+  if wants select-$baseline; then
+    attributions=$G/runs/localize-$baseline/attributions
+    timed select-$baseline python -m knlight.select --attributions $attributions \
+      --output $R/neurons-$baseline.json --uncertainty.enabled true
+    timed select-$baseline-likn3 python -m knlight.select --attributions $attributions \
+      --output $R/neurons-$baseline-likn3.json --uncertainty.enabled true --likn.min_languages 3
+    cp $attributions/summary.json $R/localize-$baseline-summary.json
+  fi
+done
 
-if [[ " ${STEPS:-$ALL} " == *" intervene "* ]]; then
+if wants intervene; then
   timed intervene knlight test --config configs/intervene/gemma3-270m.yaml --config configs/gemma/intervene.yaml
   rm -rf $R/intervention && cp -r "$(latest $G/runs/intervene)/intervention" $R/intervention
 fi
 
-if [[ " ${STEPS:-$ALL} " == *" edit "* ]]; then
+if wants edit; then
   # the same edit requests for every rule: facts with LIKN (>= 3 of 4 languages), at most 12, by a stable hash
   python - <<'PY'
 import hashlib, json
@@ -58,7 +55,7 @@ PY
   done
 fi
 
-if [[ " ${STEPS:-$ALL} " == *" factcheck "* ]]; then
+if wants factcheck; then
   timed factcheck knlight test --config configs/factcheck/gemma3-270m.yaml --config configs/gemma/factcheck.yaml
-  rm -rf $R/factcheck && cp -r "$(latest $G/runs/factcheck)/factcheck" $R/factcheck
+  rm -rf $R/factcheck && cp -r "$(latest $G/runs/factcheck)/factcheck" $R/factcheck   # test/results.*
 fi
