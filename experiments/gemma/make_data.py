@@ -27,6 +27,7 @@ import torch
 
 from knlight import load_lm
 from knlight.data.build import build_mpararel
+from knlight.data.jsonio import write_text_atomically
 from knlight.data.pipeline import BuildOptions
 from knlight.data.records import FactRecord, write_records
 
@@ -97,7 +98,7 @@ def main() -> None:
     missing = sorted({p for p in pairs if json.dumps(p) not in cache})
     for pair, ranked in zip(missing, answer_ranks(lm, missing), strict=True):
         cache[json.dumps(pair)] = list(ranked)
-    cache_path.write_text(json.dumps(cache))
+    write_text_atomically(cache_path, json.dumps(cache))
     probed: list[tuple[FactRecord, list[tuple[str, int, int]]]] = []
     for r in records:
         probed.append((r, [(q, *cache[json.dumps((q, r.object))]) for q in r.queries[: args.probe_queries]]))
@@ -117,7 +118,7 @@ def main() -> None:
             "majority": tokens.most_common(1)[0][1] / len(values),
         }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output + ".probe.json").write_text(json.dumps(table, indent=1))
+    write_text_atomically(Path(args.output + ".probe.json"), json.dumps(table, indent=1))
     for rel, row in table.items():
         log.info(
             "%-6s %s",
