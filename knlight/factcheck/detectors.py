@@ -47,6 +47,7 @@ from knlight.neurons.attribution import attribute_batch
 from knlight.neurons.hooks import edit_activations
 from knlight.neurons.interventions import Neuron
 from knlight.neurons.prompts import EncodedQuery
+from knlight.neurons.upstream import last_hidden_state
 
 FEATURES: tuple[str, ...] = (
     "amig", "log_prob", "rank", "gxa_mean", "gxa_min", "gxa_max", "act_mean", "act_min", "act_max", "n_tokens",
@@ -241,7 +242,7 @@ def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readou
     with ExitStack() as stack, torch.enable_grad():
         for layer in layers:
             stack.enter_context(edit_activations(lm.sites.out_projs[layer], hook(layer)))
-        hidden = lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        hidden = last_hidden_state(lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)))
         logits = _logits(lm, hidden[0, positions])
         log_p = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
         for k, position in enumerate(positions.tolist()):

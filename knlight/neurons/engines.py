@@ -27,6 +27,14 @@ from torch import nn
 
 from knlight.neurons.attribution import CleanPass, Problems, objective_value
 from knlight.neurons.hooks import capture_activations, edit_activations
+from knlight.neurons.upstream import (
+    RecordingCache,
+    RowCache,
+    base_model_forward,
+    is_cache,
+    last_hidden_state,
+    upstream_error,
+)
 
 
 def make_engine(name: str, lm: Any, chunk_rows: int | None = None) -> ReferenceEngine | FastEngine:
@@ -105,16 +113,6 @@ class ReferenceEngine:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _RowCache:
-    """Duck-typed KV cache: per row, the clean keys/values of the positions before its target."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        return torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
-
-
 def _map_tensors(obj: Any, fn: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -152,6 +150,7 @@ class FastEngine:
         self.chunk_rows = chunk_rows or (64 if lm.masked else 512)
         self._calls: list[_BlockCall] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._clean_lp: dict[tuple[int, int], float] = {}
 
     # -- clean pass -----------------------------------------------------------------------------------------
 
@@ -166,32 +165,36 @@ class FastEngine:
             mask[r, : len(s)] = 1
         store: dict[int, torch.Tensor] = {}
         calls: dict[int, _BlockCall] = {}
+        # Causal LMs: a cache of knlight's own, found again in every block's call by type, whatever its keyword.
+        cache = RecordingCache() if keep_states and not lm.masked else None
         handles = []
         if keep_states:
             for j, block in enumerate(sites.blocks):
 
                 def pre_hook(module: nn.Module, args: tuple, kwargs: dict, j: int = j) -> None:
                     calls[j] = _BlockCall(module, args, kwargs)
+                    if cache is not None:
+                        cache.current_block = j
 
                 handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        extra: dict[str, Any] = {}
-        if keep_states and not lm.masked:
-            from transformers import DynamicCache
-
-            # A cache without config keeps every position of every layer (no sliding-window truncation).
-            extra = {"use_cache": True, "past_key_values": DynamicCache()}
         try:
             with torch.no_grad(), capture_activations(sites.out_projs, store):
-                out = lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
+                out = base_model_forward(
+                    lm.model, cache, input_ids=ids.to(device), attention_mask=mask.to(device)
+                )
         finally:
             for handle in handles:
                 handle.remove()
         if keep_states:
             self._calls = [calls[j] for j in range(sites.num_layers)]
-            if not lm.masked:
-                cache = out.past_key_values
-                self._kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return out.last_hidden_state, store
+            if cache is not None:
+                missing = [j for j in range(sites.num_layers) if j not in cache.recorded]
+                if missing:
+                    raise upstream_error(
+                        sites.blocks[missing[0]], "its attention never updated the KV cache knlight passed"
+                    )
+                self._kv = [cache.recorded[j] for j in range(sites.num_layers)]
+        return last_hidden_state(out), store
 
     def clean(
         self, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[tuple[int, int]]], keep: bool = False
@@ -208,6 +211,10 @@ class FastEngine:
             log_probs = _gold_log_probs(self._logits(hidden, final_norm=False), tokens).cpu()
         acts_all = torch.stack([store[layer][rows, pos] for layer in range(sites.num_layers)], dim=1).cpu()
         counts = [len(tgt) for tgt in targets]
+        if keep:
+            self._clean_lp = {
+                (int(r), int(p)): float(v) for r, p, v in zip(rows.tolist(), pos.tolist(), log_probs.tolist())
+            }
         return CleanPass(list(acts_all.split(counts)), list(log_probs.split(counts)))
 
     def _logits(self, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
@@ -230,6 +237,7 @@ class FastEngine:
         grad_sum = torch.zeros(len(problems), problems.base.shape[1])
         f0 = torch.full((len(problems),), float("nan"))
         order = torch.argsort(problems.layer, stable=True)
+        self._check_sweep(problems)
         per_chunk = max(1, self.chunk_rows // m)
         for start in range(0, len(order), per_chunk):
             chunk = order[start : start + per_chunk]
@@ -238,6 +246,30 @@ class FastEngine:
             if need_f0:
                 f0[chunk] = f[:, -1]
         return grad_sum, f0
+
+    def _check_sweep(self, problems: Problems) -> None:
+        """Guard against a silently wrong sweep: at α = 1 a row *is* the clean model, so its log-probability
+        must equal the clean pass's. Checked on the first problem of every layer (a handful of rows).
+
+        Raises:
+            UpstreamError: When they differ (e.g. a transformers release changed how blocks are called).
+        """
+        first = {int(layer): p for p, layer in reversed(list(enumerate(problems.layer.tolist())))}
+        chosen = torch.tensor([first[layer] for layer in sorted(first)])  # the sweep wants layer order
+        one = torch.ones(1, dtype=torch.float64)
+        _, value = self._sweep(problems, chosen, one, torch.zeros(1, dtype=torch.float64), "log_prob")
+        half = next(self.lm.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        tolerance = 0.5 if half else 1e-3
+        for k, p in enumerate(chosen.tolist()):
+            clean = self._clean_lp[(int(problems.seq[p]), int(problems.position[p]))]
+            got = float(value[k, 0])
+            if not abs(got - clean) <= tolerance:
+                layer = int(problems.layer[p])
+                raise upstream_error(
+                    self.lm.sites.blocks[layer],
+                    f"the fast engine's replay of layer {layer} gives log P = {got:.6g} where the model gives "
+                    f"{clean:.6g}: the blocks are called differently than knlight expects",
+                )
 
     def _sweep(
         self,
@@ -307,67 +339,130 @@ class FastEngine:
     def _kwargs(self, j: int, row_seq: torch.Tensor, row_pos: torch.Tensor) -> dict[str, Any]:
         """Block ``j``'s clean call arguments, re-indexed for the active rows."""
         call = self._calls[j]
-        batch = call.hidden.shape[0]
-        device = call.hidden.device
+        batch, width = call.hidden.shape[:2]
 
         def by_row(x: torch.Tensor) -> torch.Tensor:
             return x[row_seq.to(x.device)] if x.dim() > 0 and x.shape[0] == batch else x
 
         if self.lm.masked:
             return {k: _map_tensors(v, by_row) for k, v in call.kwargs.items()}
-
         # Causal single-token rows: row r is position t_r attending to the clean keys/values before it.
-        seq_len = int(row_pos.max())
+        block = self.lm.sites.blocks[j]
+        rows = _Rows(block, row_seq, row_pos, batch, width)
         kwargs: dict[str, Any] = {}
         for name, value in call.kwargs.items():
-            if name in ("past_key_values", "layer_past"):
+            if is_cache(value):
                 keys, values = self._kv[j]
                 rs = row_seq.to(keys.device)
-                kwargs[name] = _RowCache(keys[rs, :, :seq_len], values[rs, :, :seq_len])
+                kwargs[name] = RowCache(keys[rs, :, : rows.seq_len], values[rs, :, : rows.seq_len])
             elif name == "attention_mask":
-                kwargs[name] = self._row_mask(j, row_pos, seq_len, call.hidden.dtype, device)
+                kwargs[name] = rows.mask(value, call.hidden.dtype)
             elif name == "position_ids":
-                kwargs[name] = row_pos[:, None].to(device)
-            elif name == "cache_position":
-                kwargs[name] = torch.tensor([seq_len], device=device) if value is not None else None
-            elif name == "alibi":
-                kwargs[name] = self._row_alibi(row_pos, seq_len, call.hidden.dtype, device)
+                kwargs[name] = None if value is None else rows.at_target(name, value)[:, None]
             elif name == "position_embeddings":
-
-                def at_pos(x: torch.Tensor) -> torch.Tensor:
-                    idx = row_seq if x.shape[0] == batch else torch.zeros_like(row_seq)
-                    return x[idx.to(x.device), row_pos.to(x.device)][:, None]
-
-                kwargs[name] = _map_tensors(value, at_pos)
+                kwargs[name] = _map_tensors(
+                    value, lambda x: rows.at_target("position_embeddings", x)[:, None]
+                )
+            elif name == "cache_position":  # transformers < 5.24: the new token's index in the cache
+                kwargs[name] = None if value is None else torch.tensor([rows.seq_len], device=value.device)
+            elif name == "alibi":
+                kwargs[name] = rows.alibi(value)
+            elif _has_axis(value, width):
+                raise upstream_error(
+                    block,
+                    f"argument {name!r} has a sequence axis knlight cannot re-index for single-token rows",
+                )
             else:
                 kwargs[name] = _map_tensors(value, by_row)
-        if "past_key_values" not in kwargs and "layer_past" not in kwargs:
-            raise TypeError(
-                f"{type(self.lm.sites.blocks[j]).__name__} takes no KV cache; cannot sweep single tokens"
+        if not any(is_cache(v) for v in call.kwargs.values()):
+            raise upstream_error(
+                block, "no transformers Cache among its arguments; cannot sweep single tokens"
             )
         return kwargs
 
-    def _row_mask(
-        self, j: int, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any
-    ) -> torch.Tensor:
-        config = self.lm.model.config
-        key_pos = torch.arange(seq_len)
-        allowed = key_pos[None, :] < row_pos[:, None]
-        layer_types = getattr(config, "layer_types", None)
-        window = getattr(config, "sliding_window", None)
-        if layer_types is not None and window and layer_types[j] == "sliding_attention":
-            allowed &= key_pos[None, :] > row_pos[:, None] - window
-        allowed = torch.cat([allowed, torch.ones(len(row_pos), 1, dtype=torch.bool)], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        return mask[:, None, None, :].to(device)
 
-    def _row_alibi(
-        self, row_pos: torch.Tensor, seq_len: int, dtype: torch.dtype, device: Any
-    ) -> torch.Tensor:
-        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+def _has_axis(value: Any, size: int) -> bool:
+    """True when a tensor (or a tensor inside a tuple/list/dict) has an axis of ``size`` after the first."""
+    if isinstance(value, torch.Tensor):
+        return size in value.shape[1:]
+    if isinstance(value, tuple | list):
+        return any(_has_axis(v, size) for v in value)
+    if isinstance(value, dict):
+        return any(_has_axis(v, size) for v in value.values())
+    return False
 
-        heads = self.lm.model.config.n_head
-        slopes = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # slope_h * 1
-        key_pos = torch.cat([torch.arange(seq_len)[None].expand(len(row_pos), -1), row_pos[:, None]], dim=1)
-        alibi = slopes[None, :, None] * key_pos[:, None, :].float()  # [R, H, K]
-        return alibi.reshape(len(row_pos) * heads, 1, -1).to(device=device, dtype=dtype)
+
+class _Rows:
+    """Re-indexes a block's clean call for single-token rows ``(sequence, target position)``.
+
+    Everything comes from the tensors transformers itself built for the clean pass (masks with their sliding
+    windows and padding, position ids and embeddings, ALiBi), read at each row's position: nothing is rebuilt
+    from config names. Shapes that do not fit raise :class:`~knlight.neurons.upstream.UpstreamError`.
+    """
+
+    def __init__(
+        self, block: nn.Module, row_seq: torch.Tensor, row_pos: torch.Tensor, batch: int, width: int
+    ) -> None:
+        self.block, self.batch, self.width = block, batch, width
+        self.row_seq, self.row_pos = row_seq, row_pos
+        self.seq_len = int(row_pos.max())
+
+    def _index(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.row_seq if x.shape[0] == self.batch else torch.zeros_like(self.row_seq)
+        return seq.to(x.device), self.row_pos.to(x.device)
+
+    def at_target(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x[sequence, position]`` per row, for a ``[batch or 1, width, ...]`` tensor."""
+        if x.dim() < 2 or x.shape[1] != self.width or x.shape[0] not in (1, self.batch):
+            raise upstream_error(
+                self.block, f"argument {name!r} has shape {tuple(x.shape)}, not [batch, seq, ...]"
+            )
+        seq, pos = self._index(x)
+        return x[seq, pos]
+
+    def _before(self, device: Any) -> torch.Tensor:
+        """``[R, seq_len]`` True for the clean keys a row may see: positions before its own."""
+        keys = torch.arange(self.seq_len, device=device)
+        return keys[None, :] < self.row_pos.to(device)[:, None]
+
+    def mask(self, mask: Any, dtype: torch.dtype) -> torch.Tensor:
+        """The row's attention mask: its row of the clean mask, cut before its position, then itself."""
+        if mask is None:  # transformers built no mask (no padding, no window): plain causal, additive
+            allowed = torch.cat(
+                [self._before(self.row_pos.device), torch.ones(len(self.row_pos), 1, dtype=torch.bool)], dim=1
+            )
+            additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            return additive[:, None, None, :].to(self.block_device())
+        if not isinstance(mask, torch.Tensor):
+            raise upstream_error(self.block, f"attention mask of type {type(mask).__name__} is not a tensor")
+        seq, pos = self._index(mask)
+        before = self._before(mask.device)
+        if mask.dim() == 4 and mask.shape[-2:] == (self.width, self.width):
+            rows = mask[seq, :, pos, :]  # [R, heads or 1, width]
+            own = rows[torch.arange(len(pos), device=mask.device), :, pos][..., None]  # [R, heads or 1, 1]
+            clean = rows[..., : self.seq_len]
+            if mask.dtype == torch.bool:
+                clean = clean & before[:, None, :]
+            else:
+                clean = clean.masked_fill(~before[:, None, :], torch.finfo(mask.dtype).min)
+            return torch.cat([clean, own], dim=-1)[:, :, None, :]
+        if mask.dim() == 2 and mask.shape[1] == self.width:  # a padding mask (flash attention)
+            clean = mask[seq, : self.seq_len] * before.to(mask.dtype)
+            return torch.cat([clean, torch.ones_like(clean[:, :1])], dim=1)
+        raise upstream_error(self.block, f"attention mask of shape {tuple(mask.shape)} is not understood")
+
+    def alibi(self, alibi: torch.Tensor) -> torch.Tensor:
+        """BLOOM's ALiBi ``[batch·heads, 1, width]`` for the rows: the clean keys, then the row's own position."""
+        if alibi.dim() != 3 or alibi.shape[-1] != self.width or alibi.shape[0] % self.batch:
+            raise upstream_error(self.block, f"ALiBi tensor of shape {tuple(alibi.shape)} is not understood")
+        heads = alibi.shape[0] // self.batch
+        per_row = alibi.view(self.batch, heads, self.width)[
+            self.row_seq.to(alibi.device)
+        ]  # [R, heads, width]
+        pos = self.row_pos.to(alibi.device)
+        own = per_row[torch.arange(len(pos), device=alibi.device), :, pos][..., None]
+        out = torch.cat([per_row[..., : self.seq_len], own], dim=-1)
+        return out.reshape(len(pos) * heads, 1, self.seq_len + 1)
+
+    def block_device(self) -> torch.device:
+        return next(self.block.parameters()).device

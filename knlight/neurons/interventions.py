@@ -18,6 +18,7 @@ import torch
 
 from knlight.neurons.hooks import edit_activations
 from knlight.neurons.prompts import EncodedQuery
+from knlight.neurons.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
 
 Neuron = tuple[int, int]
 
@@ -183,9 +184,9 @@ def _forward_rows(
         mask[r, : len(item.input_ids)] = 1
     with ExitStack() as stack:
         _scaling_hooks(stack, lm, rows, sets, factors, 0)
-        hidden = lm.model.base_model(
-            input_ids=ids.to(device), attention_mask=mask.to(device)
-        ).last_hidden_state
+        hidden = last_hidden_state(
+            lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        )
     return _read_targets(lm, hidden, rows, 0)
 
 
@@ -194,25 +195,19 @@ def _forward_cached(
     lm: Any, query: EncodedQuery, sets: list[list[Neuron]], factors: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one causal query: its clean prefix once, then every row from the first target position on."""
-    from transformers import DynamicCache
-
     device = lm.device
     start = min(p for p, _ in query.targets)
     n = len(sets)
-    # A cache without config keeps every position of every layer (no sliding-window truncation).
-    cache = DynamicCache()
+    # knlight's own cache (every position of every layer, no sliding-window truncation), read back by type.
+    recorded = RecordingCache()
     prefix = torch.tensor([query.input_ids[:start]], device=device)
-    lm.model.base_model(
-        input_ids=prefix, attention_mask=torch.ones_like(prefix), past_key_values=cache, use_cache=True
-    )
-    cache.batch_repeat_interleave(n)
+    base_model_forward(lm.model, recorded, input_ids=prefix, attention_mask=torch.ones_like(prefix))
+    cache = prefilled_cache(recorded.recorded, n)
     suffix = torch.tensor([query.input_ids[start:]], device=device).expand(n, -1)
     mask = torch.ones((n, len(query.input_ids)), dtype=torch.long, device=device)
     with ExitStack() as stack:
         _scaling_hooks(stack, lm, [query] * n, sets, factors, start)
-        hidden = lm.model.base_model(
-            input_ids=suffix, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state
+        hidden = last_hidden_state(base_model_forward(lm.model, cache, input_ids=suffix, attention_mask=mask))
     return _read_targets(lm, hidden, [query] * n, start)
 
 
