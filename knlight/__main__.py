@@ -1,6 +1,6 @@
 """``python -m knlight``: the same as the ``knlight`` console script."""
 
-from knlight.cli import main
+from knlight.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

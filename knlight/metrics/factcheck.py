@@ -7,6 +7,7 @@ The positive class is :data:`knlight.factcheck.claims.FALSE_CLAIM` ("the claim i
 * TP = false claim flagged, FP = true claim flagged, FN = false claim not flagged, TN = true claim not
   flagged;
   precision = TP / (TP + FP), recall = TP / (TP + FN) (0 when the denominator is 0), F1 their harmonic mean;
+  a group without any false claim has no recall or F1 (NaN, with the reason in the ``undefined`` column);
 * AUROC is computed on the rank of ``s`` (ties kept), so torchmetrics never squashes large scores together;
   it is NaN for a group with only one class.
 
@@ -158,13 +159,15 @@ def binary_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float)
 
     Returns:
         ``n``, ``false_claims``, ``tp``, ``fp``, ``fn``, ``tn``, ``precision``, ``recall``, ``f1``,
-        ``accuracy``, ``auroc`` (NaN everywhere when there is no claim; AUROC NaN with one class).
+        ``accuracy``, ``auroc`` (NaN everywhere when there is no claim; AUROC NaN with one class; recall and
+        F1 NaN without a false claim) and ``undefined`` (why a metric is NaN, empty otherwise).
     """
     n = int(labels.numel())
     target = _positive(labels)
     out: dict[str, Any] = {"n": n, "false_claims": int(target.sum())}
     if n == 0:
-        return {**out, "tp": 0, "fp": 0, "fn": 0, "tn": 0, **{m: math.nan for m in METRICS}}
+        return {**out, "tp": 0, "fp": 0, "fn": 0, "tn": 0, **{m: math.nan for m in METRICS},
+                "undefined": "no claims"}  # fmt: skip
     predicted = _positive(flagged(scores, threshold))
     out.update(confusion(flagged(scores, threshold), labels))
     out["precision"] = float(BinaryPrecision()(predicted, target))
@@ -173,6 +176,15 @@ def binary_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float)
     out["accuracy"] = float(BinaryAccuracy()(predicted, target))
     one_class = int(target.sum()) in (0, n)
     out["auroc"] = math.nan if one_class else float(BinaryAUROC()(as_unit_interval(scores), target))
+    out["undefined"] = ""
+    if out["false_claims"] == 0:
+        # Without a positive (false) claim, recall and F1 have no meaning: report them as undefined, not 0.
+        out["recall"] = out["f1"] = math.nan
+        if out["tp"] + out["fp"] == 0:
+            out["precision"] = math.nan
+        out["undefined"] = "no false claims: recall, F1 and AUROC are undefined"
+    elif out["false_claims"] == n:
+        out["undefined"] = "no true claims: AUROC is undefined"
     return out
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from knlight.data.jsonio import write_text_atomically
+from knlight.errors import KnlightError
 
 Neuron = tuple[int, int]
 FORMAT = "knlight-neurons/1"
@@ -40,7 +41,7 @@ NeuronKind = Literal["language", "language_independent", "uncertainty", "degener
 NEURON_KINDS: tuple[str, ...] = ("language", "language_independent", "uncertainty", "degenerate")
 
 
-class NeuronFileError(ValueError):
+class NeuronFileError(KnlightError, ValueError):
     """A neuron file that cannot be read, or that does not fit the model."""
 
 

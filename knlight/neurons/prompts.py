@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from knlight.errors import KnlightError
+
 SLOT = "[Y]"
 
 
-class QueryError(ValueError):
+class QueryError(KnlightError, ValueError):
     """A query or answer that cannot be turned into an attribution target."""
 
 

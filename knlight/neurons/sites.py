@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from knlight.errors import KnlightError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -90,7 +92,7 @@ REGISTRY: list[ArchitectureSpec] = [
 ]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(KnlightError, ValueError):
     """The model's architecture has no entry in :data:`REGISTRY`."""
 
 

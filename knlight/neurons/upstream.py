@@ -27,11 +27,13 @@ import torch
 import transformers
 from transformers import Cache, DynamicCache
 
+from knlight.errors import KnlightError
+
 TESTED_TRANSFORMERS = ">=5.23,<6"
 """The transformers range knlight is tested on (``pyproject.toml`` declares the same; a test checks it)."""
 
 
-class UpstreamError(TypeError):
+class UpstreamError(KnlightError, TypeError):
     """transformers called a block in a way knlight's fast paths do not understand (a newer or older API)."""
 
 

@@ -18,13 +18,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from knlight.errors import KnlightError
 from knlight.planted.planter import KINDS, PlantConfig, PlantedModel, PlantedNeuron, config_to_dict
 
 TRUTH_KEYS = ("uuid", "language", "layer", "index", "kind")
 RECORD_KEYS = ("uuid", "relation", "language", "subject", "object", "queries", "wrong_objects")
 
 
-class PlantedFileError(ValueError):
+class PlantedFileError(KnlightError, ValueError):
     """A saved plant is missing a file or holds a malformed entry."""
 
 

@@ -41,6 +41,7 @@ from knlight.data.datamodule import RMLLamaDataModule
 from knlight.data.errors import DataError
 from knlight.data.jsonio import write_text_atomically
 from knlight.data.records import FactRecord
+from knlight.errors import ConfigError
 from knlight.factcheck.claims import (
     FALSE_CLAIM,
     POSITIVE_CLASS,
@@ -196,16 +197,20 @@ class FactCheckModule(BaseTask):
         self.detectors = list(detectors) if detectors is not None else list(DETECTORS)
         unknown = [d for d in self.detectors if d not in DETECTORS]
         if unknown or not self.detectors:
-            raise ValueError(f"detectors {self.detectors}: choose among {', '.join(DETECTORS)}")
+            raise ConfigError(
+                f"model.init_args.detectors={self.detectors}: choose among {', '.join(DETECTORS)}"
+            )
         for name, value in (("t_low", t_low), ("t_high", t_high), ("t", t)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise ConfigError(f"model.init_args.{name} must be in [0, 1], got {value}")
         if top_k < 2:
-            raise ValueError(f"top_k must be >= 2 (pairs are searched among the top-K), got {top_k}")
+            raise ConfigError(
+                f"model.init_args.top_k must be >= 2 (pairs are searched among the top-K), got {top_k}"
+            )
         unknown = [d for d in (thresholds or {}) if d not in DETECTORS]
         if unknown:
-            raise ValueError(
-                f"thresholds for unknown detectors {unknown}; choose among {', '.join(DETECTORS)}"
+            raise ConfigError(
+                f"model.init_args.thresholds for unknown detectors {unknown}; choose among {', '.join(DETECTORS)}"
             )
         self.save_hyperparameters()
         self.top_k, self.t_low, self.t_high, self.t = top_k, t_low, t_high, t
@@ -480,6 +485,12 @@ class FactCheckModule(BaseTask):
                     self.threshold_source[d] = "val (in-sample)"
         groups = {"language": [c.language for c in claims], "relation": [c.relation for c in claims]}
         table = results_table(split, scores, labels, self.thresholds, groups)
+        undefined = sorted({f"{r['group_by']}={r['group']}" for r in table if r["undefined"] and r["n"]})
+        if undefined:
+            log.warning(
+                "fact-checking %s: some metrics are undefined (NaN, reason in the 'undefined' column) for %s",
+                split, ", ".join(undefined),
+            )  # fmt: skip
         for row in table:
             if row["group_by"] == "all":
                 for metric in ("precision", "recall", "f1", "accuracy", "auroc"):

@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import Callback
 
 from knlight.data.jsonio import write_text_atomically
+from knlight.errors import ConfigError
 from knlight.metrics.intervention import (
     CLEAN,
     CROSS,
@@ -137,9 +138,9 @@ class InterventionModule(BaseTask):
     ) -> None:
         super().__init__(model, tokenizer, dtype, gguf_file)
         if not methods:
-            raise ValueError(
-                "InterventionModule needs at least one method: methods: {name: {path: neurons.json}} (write "
-                "neuron files with `python -m knlight.select`)"
+            raise ConfigError(
+                "model.init_args.methods is empty: InterventionModule needs at least one method, e.g. methods: "
+                "{dai: {path: neurons.json}} (write neuron files with `python -m knlight.select`)"
             )
         self.methods = {
             name: source if isinstance(source, NeuronSource) else NeuronSource(**source)
@@ -148,14 +149,18 @@ class InterventionModule(BaseTask):
         self.operations = list(operations) if operations is not None else list(OPERATIONS)
         unknown = [op for op in self.operations if op not in OPERATIONS]
         if unknown or not self.operations:
-            raise ValueError(f"operations {self.operations}: choose among {', '.join(OPERATIONS)}")
+            raise ConfigError(
+                f"model.init_args.operations={self.operations}: choose among {', '.join(OPERATIONS)}"
+            )
         if unrelated_per_query < 0:
-            raise ValueError(f"unrelated_per_query must be >= 0, got {unrelated_per_query}")
+            raise ConfigError(f"model.init_args.unrelated_per_query must be >= 0, got {unrelated_per_query}")
         self.save_hyperparameters()
         self.enhance_factor = enhance_factor
         self.unrelated_per_query = unrelated_per_query
         if unrelated_relations not in ("any", "same", "other"):
-            raise ValueError(f"unrelated_relations={unrelated_relations!r}: choose any, same or other")
+            raise ConfigError(
+                f"model.init_args.unrelated_relations={unrelated_relations!r}: choose any, same or other"
+            )
         self.unrelated_relations = unrelated_relations
         self.random_control = random_control
         self.cross_lingual = cross_lingual
@@ -220,10 +225,32 @@ class InterventionModule(BaseTask):
             methods=list(self.methods),
             languages=languages,
         )
+        self._check_overlap(getattr(self.trainer, "datamodule", None))
         self.rows.reset()
         # Every process must take part: the log dir is broadcast from rank 0.
         log_dir = self.trainer.log_dir
         self.out_dir = Path(self.output_dir) if self.output_dir else Path(log_dir or ".") / "intervention"
+
+    def _check_overlap(self, datamodule: Any) -> None:
+        """Refuse a run that would measure nothing: no tested fact has neurons in any method's file."""
+        split = getattr(datamodule, "items", None)
+        tested = {item["uuid"] for item in (split("test") if split else [])}
+        if not tested:
+            return  # the data module reports an empty test split itself
+        covered = {name: tested & set(self.files[name].facts) for name in self.methods}
+        for name, facts in covered.items():
+            if not facts:
+                log.warning("method %s: %s has neurons for none of the %d tested facts", name,
+                            self.methods[name].path, len(tested))  # fmt: skip
+        if not any(covered.values()):
+            files = ", ".join(sorted({source.path for source in self.methods.values()}))
+            example = sorted(tested)[0]
+            raise ConfigError(
+                f"no tested fact has neurons in the neuron files ({files}): the {len(tested)} facts of the test "
+                f"split of {getattr(datamodule, 'path', 'the data')} (e.g. {example!r}) are not among their facts. "
+                "Select neurons on these facts (knlight predict + knlight.select on the same records), or point "
+                "data.init_args.path / model.init_args.methods at matching files."
+            )
 
     # -- per item
     # ----------------------------------------------------------------------------------------------
