@@ -225,7 +225,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
     config_class, sizes_kwargs = families[model_type]
     # Token ids go to the constructor, which checks them against the vocabulary (GPT-2's default 50256 is not).
     ids = {k: overrides.pop(k) for k in list(overrides) if k.endswith("_token_id")}
-    cfg = config_class(**sizes_kwargs, **common, **ids)
+    cfg = config_class(**{**sizes_kwargs, **common, **ids})
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
