@@ -2,7 +2,9 @@
 
 Output directory layout::
 
-    run.json                  what produced the results (task hyperparameters, writer settings)
+    .lock                     held (flock) by the run writing here; names it (see knlight.callbacks.run_folder)
+    run.json                  what produced the results (task hyperparameters, writer settings, model
+                              identity) and, after the merge, a record of the complete results
     shards/a003-r0001-b000000042.jsonl        one file per (attempt, rank, dataloader + batch), atomic
     shards/a003-r0001-b000000042.safetensors  dense / top-k scores of the same items (``save_scores``)
     attributions.jsonl        merged: one line per item, sorted by (uuid, language, query_id), no duplicates
@@ -12,29 +14,30 @@ Output directory layout::
 A line of ``attributions.jsonl``::
 
     {"uuid": "...", "language": "fr", "relation": "P36", "query_id": 0, "query": "...", "answer": "Paris",
-     "prob": 0.31, "neurons": [[layer, neuron, score], ...], "residual": [...], "layer_mass": [...]}
+     "prob": 0.31, "neurons": [[layer, neuron, score], ...], "residual": [...], "layer_mass": [...],
+     "input_hash": "3f0c...", "model_hash": "9a1e..."}
 
 ``neurons`` are sorted by score (descending); ``residual`` is the completeness residual and ``layer_mass`` the
 share of the item's positive attribution, one entry per attributed layer (all layers by default; the list is
-``layers`` in ``summary.json``).
+``layers`` in ``summary.json``); ``input_hash`` and ``model_hash`` record what the line was computed from
+(query and answer; the model's identity, also in ``run.json``).
 Floats are written as the shortest decimal that round-trips their float32 value.
 
 Resume: at start the writer collects the keys already present in ``attributions.jsonl`` and in the shards
 and hands them to the module (``done_keys``), which skips those items; at the end everything is merged again.
 Shard names carry an attempt number, so a new run never overwrites an earlier run's shards. A run whose
-results would differ (other model, steps, thresholds, ...; see ``run.json``) is refused instead of mixed in.
+results would differ (other model, steps, thresholds, ...; see ``run.json``), a folder without ``run.json``,
+a folder whose results were computed from other query texts, and a folder another run is writing into are
+refused instead of mixed in (:mod:`knlight.callbacks.run_folder`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +45,35 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from knlight.callbacks.run_folder import (
+    MERGED,
+    RUN,
+    SCORES,
+    SHARD,
+    START_OVER,
+    SUMMARY,
+    DoneItem,
+    FolderLock,
+    RunFolderError,
+    check_inputs,
+    check_settings,
+    read_done,
+    read_run_file,
+    results_record,
+    run_file_text,
+    shard_files,
+)
+from knlight.data.errors import DataError
+from knlight.data.jsonio import write_atomically, write_text_atomically
+from knlight.tasks.attribution import AttributionModule
 from knlight.tasks.base import BaseTask
 
 log = logging.getLogger(__name__)
 
-MERGED = "attributions.jsonl"
-SCORES = "scores.safetensors"
-SUMMARY = "summary.json"
-RUN = "run.json"
-_SHARD = re.compile(r"^a(\d+)-r(\d+)-b(\d+)\.jsonl$")
+__all__ = ["MERGED", "RUN", "SCORES", "SUMMARY", "AttributionWriter", "item_line", "tensor_key"]
 
 
 def short_float(value: float) -> float | None:
@@ -78,6 +98,9 @@ def item_line(prediction: dict[str, Any]) -> str:
         "residual": [None if r is None else short_float(r) for r in prediction["residual"]],
         "layer_mass": [short_float(m) for m in prediction["layer_mass"]],
     }
+    for name in ("input_hash", "model_hash"):
+        if name in prediction:
+            record[name] = prediction[name]
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -92,29 +115,9 @@ def tensor_key(key: Sequence[Any]) -> str:
     return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
     """Write text lines (each ending with a newline) atomically."""
-
-    def write(target: str) -> None:
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.writelines(line + "\n" for line in lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    _write_atomically(path, write)
+    write_text_atomically(path, "".join(line + "\n" for line in lines))
 
 
 def read_lines(path: Path) -> list[str]:
@@ -123,6 +126,24 @@ def read_lines(path: Path) -> list[str]:
         return []
     with open(path, encoding="utf-8") as handle:
         return [line.rstrip("\n") for line in handle if line.strip()]
+
+
+def _dataset_items(trainer: pl.Trainer) -> Iterator[dict[str, Any]]:
+    """Every item of the predict datasets (all ranks' shares), for datasets that can be indexed.
+
+    Items of other datasets are checked one by one as the module meets them (``is_done``).
+    """
+    loaders = trainer.predict_dataloaders
+    for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+        dataset = getattr(loader, "dataset", None)
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            continue
+        for index in range(size):
+            item = dataset[index]  # type: ignore[index]
+            if isinstance(item, dict) and {"uuid", "language", "query_id", "query", "answer"} <= set(item):
+                yield item
 
 
 def _jsonable(value: Any) -> Any:
@@ -173,6 +194,8 @@ class AttributionWriter(BasePredictionWriter):
         self.summary: dict[str, Any] | None = None
         self._started = 0.0
         self._finalized = False
+        self._lock: FolderLock | None = None
+        self._done_items: dict[tuple[Any, ...], DoneItem] = {}  # rank 0: what the folder held at set-up
 
     # -- paths -----------------------------------------------------------------------------------------------
 
@@ -193,19 +216,19 @@ class AttributionWriter(BasePredictionWriter):
 
     @staticmethod
     def _attempt_of(shard: Path) -> int:
-        match = _SHARD.match(shard.name)
+        match = SHARD.match(shard.name)
         assert match is not None
         return int(match[1])
 
     def shards(self) -> list[Path]:
         """Existing JSONL shards, in name order."""
-        if not self.shard_dir.is_dir():
-            return []
-        return sorted(p for p in self.shard_dir.iterdir() if _SHARD.match(p.name))
+        assert self.dir is not None
+        return shard_files(self.dir)
 
     # -- set-up (all ranks) ----------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Rank 0 locks the output folder and checks the settings before the model is loaded (fails fast)."""
         super().setup(trainer, pl_module, stage)
         if stage != "predict":
             return
@@ -216,78 +239,97 @@ class AttributionWriter(BasePredictionWriter):
             )
         self._finalized = False
         self.records = self.summary = None
-        strategy = trainer.strategy
-        self.dir = Path(strategy.broadcast(str(self.resolve_dir(trainer))))
-        problem, attempt, done = None, 0, set()
-        if trainer.is_global_zero:
-            # Any failure here must reach every rank (through the broadcast), or the others would hang.
-            try:
-                problem = self._check_run(pl_module)
-                if problem is None:
-                    attempt = 1 + max((self._attempt_of(p) for p in self.shards()), default=0)
-                    done = self._done_keys()
-            except (OSError, ValueError) as error:
-                problem = f"cannot resume from {self.dir}: {type(error).__name__}: {error}"
-        problem = strategy.broadcast(problem)
-        if problem is not None:
-            raise RuntimeError(problem)
-        self.attempt = strategy.broadcast(attempt)
-        self.previously_done = strategy.broadcast(done)
-        if isinstance(pl_module, BaseTask):
-            pl_module.done_keys = set(self.previously_done)
-        if self.previously_done and trainer.is_global_zero:
-            log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))
+        self.dir = Path(trainer.strategy.broadcast(str(self.resolve_dir(trainer))))
 
-    def _fingerprint(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        task = getattr(pl_module, "fingerprint", lambda: dict(pl_module.hparams))()
-        return _jsonable(
-            {
-                "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-                "hparams": task,
-                "writer": {"save_scores": self.save_scores, "scores_top_k": self.scores_top_k},
-            }
-        )
+        def lock_and_check() -> None:
+            assert self.dir is not None
+            if self._lock is None or self._lock.folder != self.dir:
+                self._release()
+                self._lock = FolderLock(self.dir)
+            self._lock.acquire()  # held by rank 0 until teardown (or the process's end)
+            self._done_items = read_done(self.dir)  # a damaged line is reported first, naming file and line
+            check_settings(self.dir, self._fingerprint(pl_module), ("task", "hparams", "writer"), self.resume)
 
-    def _check_run(self, pl_module: pl.LightningModule) -> str | None:
-        """Rank 0: refuse to mix results of different settings; record the settings of a new output dir."""
-        assert self.dir is not None
-        has_results = (self.dir / MERGED).is_file() or bool(self.shards())
-        if has_results and not self.resume:
-            return (
-                f"{self.dir} already holds attribution results and resume is false; remove the folder, "
-                "choose another output_dir, or set resume: true to skip the items already done"
-            )
-        current = self._fingerprint(pl_module)
-        run_file = self.dir / RUN
-        if run_file.is_file():
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-            if previous != current and has_results:
-                changed = sorted(
-                    f"{group}.{key}"
-                    for group in ("hparams", "writer")
-                    for key in set(previous.get(group, {})) | set(current[group])
-                    if previous.get(group, {}).get(key) != current[group].get(key)
-                )
-                if previous.get("task") != current["task"]:
-                    changed.insert(0, "task")
-                return (
-                    f"{self.dir} holds results of a run with different settings ({', '.join(changed)}; see "
-                    f"{run_file}); resuming would mix them. Choose another output_dir or remove the folder."
-                )
-        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
-        write_lines_atomically(run_file, [text.rstrip("\n")])
-        return None
-
-    def _done_keys(self) -> set[tuple[Any, ...]]:
-        assert self.dir is not None
-        keys = {line_key(line) for line in read_lines(self.dir / MERGED)}
-        for shard in self.shards():
-            keys.update(line_key(line) for line in read_lines(shard))
-        return keys
+        self._on_rank_zero(trainer, lock_and_check)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.perf_counter()  # after the model is loaded: items/s measures attribution only
+        """With the model loaded: checks its identity and the stored inputs, records run.json, hands the done
+        items to the module."""
         self.layers = getattr(pl_module, "attributed_layers", None)
+        found: dict[str, Any] = {"attempt": 0, "done": {}}
+
+        def check_and_collect() -> None:
+            assert self.dir is not None
+            current = self._fingerprint(pl_module, with_model=True)
+            check_settings(self.dir, current, ("model",), self.resume)
+            previous = read_run_file(self.dir)
+            write_text_atomically(self.dir / RUN, run_file_text(current, previous))
+            done = self._done_items
+            if isinstance(pl_module, AttributionModule):
+                check_inputs(
+                    self.dir, done, _dataset_items(trainer), pl_module.item_key, pl_module.input_hash,
+                    current["model"].get("hash"),
+                )  # fmt: skip
+            found["attempt"] = 1 + max((self._attempt_of(p) for p in self.shards()), default=0)
+            found["done"] = {key: item.input_hash for key, item in done.items()}
+
+        self._on_rank_zero(trainer, check_and_collect)
+        self.attempt = trainer.strategy.broadcast(found["attempt"])
+        done_inputs: dict[tuple[Any, ...], str | None] = trainer.strategy.broadcast(found["done"])
+        self.previously_done = set(done_inputs)
+        if isinstance(pl_module, BaseTask):
+            pl_module.done_keys = set(self.previously_done)
+        if isinstance(pl_module, AttributionModule):
+            pl_module.done_inputs = {k: v for k, v in done_inputs.items() if v is not None}
+        if self.previously_done and trainer.is_global_zero:
+            log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))
+        self._started = time.perf_counter()  # after the model is loaded: items/s measures attribution only
+
+    def _on_rank_zero(self, trainer: pl.Trainer, step: Callable[[], None]) -> None:
+        """Runs ``step`` on rank 0 and raises its problem on every rank (a lone failing rank would leave the
+        others waiting forever at the next collective)."""
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                step()
+            except (RunFolderError, DataError) as error:
+                problem = str(error)
+            except (OSError, ValueError) as error:
+                problem = f"cannot resume from {self.dir}: {type(error).__name__}: {error}"
+            if problem is not None:
+                self._release()
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    def _fingerprint(self, pl_module: pl.LightningModule, with_model: bool = False) -> dict[str, Any]:
+        """This run's ``run.json`` settings; the model group (its identity) needs the loaded model."""
+        task = getattr(pl_module, "fingerprint", lambda: dict(pl_module.hparams))()
+        fingerprint = {
+            "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "hparams": task,
+            "writer": {"save_scores": self.save_scores, "scores_top_k": self.scores_top_k},
+        }
+        if with_model:
+            identity = {}
+            if isinstance(pl_module, BaseTask):
+                identity = {**pl_module.model_identity(), "hash": pl_module.model_hash()}
+            fingerprint["model"] = identity
+        return _jsonable(fingerprint)
+
+    # -- lock release (rank 0) -------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
 
     # -- per batch (each rank) -------------------------------------------------------------------------------
 
@@ -310,7 +352,7 @@ class AttributionWriter(BasePredictionWriter):
             for p in prediction:
                 tensors.update(self._item_tensors(p))
             meta = {"layers": json.dumps(list(prediction[0]["layers"])), "format": self._score_format()}
-            _write_atomically(self.shard_dir / f"{name}.safetensors", lambda t: save_file(tensors, t, meta))
+            write_atomically(self.shard_dir / f"{name}.safetensors", lambda t: save_file(tensors, t, meta))
         write_lines_atomically(self.shard_dir / f"{name}.jsonl", [item_line(p) for p in prediction])
 
     def _score_format(self) -> str:
@@ -373,6 +415,11 @@ class AttributionWriter(BasePredictionWriter):
             "layers": self.layers,
         }
         write_lines_atomically(self.dir / SUMMARY, [json.dumps(self.summary, indent=2)])
+        # Last: the record readers check the merged file against (a crash before it leaves the old record,
+        # which then disagrees with the new file: readers say to re-run, which merges again).
+        run = read_run_file(self.dir) or {}
+        run["results"] = results_record(self.dir, len(order))
+        write_text_atomically(self.dir / RUN, json.dumps(run, indent=2, sort_keys=True) + "\n")
         if not self.keep_shards:
             for shard in shards:
                 shard.unlink(missing_ok=True)
@@ -389,9 +436,20 @@ class AttributionWriter(BasePredictionWriter):
         for source in sources:
             if not source.is_file():
                 continue
-            with safe_open(str(source), framework="pt") as handle:
-                metadata = metadata or dict(handle.metadata() or {})
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if name.rsplit("/", 1)[0] in wanted and name not in tensors:
-                        tensors[name] = handle.get_tensor(name)
-        _write_atomically(self.dir / SCORES, lambda t: save_file(dict(sorted(tensors.items())), t, metadata))
+            try:
+                with safe_open(str(source), framework="pt") as handle:
+                    metadata = metadata or dict(handle.metadata() or {})
+                    for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        if name.rsplit("/", 1)[0] in wanted and name not in tensors:
+                            tensors[name] = handle.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                remedy = (
+                    f"delete it and {source.with_suffix('.jsonl').name} beside it (their items are computed "
+                    "again) and re-run"
+                    if source.parent == self.shard_dir
+                    else f"the scores of the items merged so far are lost: {START_OVER}"
+                )
+                raise RunFolderError(
+                    f"cannot merge the scores: {source} is damaged ({type(error).__name__}: {error}); {remedy}"
+                ) from None
+        write_atomically(self.dir / SCORES, lambda t: save_file(dict(sorted(tensors.items())), t, metadata))

@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from knlight.data.errors import DataError
+
+
+def resolved_from(path: Path | str) -> str:
+    """For an error message about a relative path: where it was looked for (empty for an absolute path).
+
+    Args:
+        path: The path as the user gave it.
+
+    Returns:
+        ``""`` when ``path`` is absolute, else ``" (looked for <absolute path>, relative to the working
+        directory <cwd>)"``.
+    """
+    path = Path(path)
+    if path.is_absolute():
+        return ""
+    return f" (looked for {path.resolve()}, relative to the working directory {Path.cwd()})"
 
 
 def require_dir(path: Path, what: str, expected: str) -> Path:
@@ -28,7 +44,9 @@ def require_dir(path: Path, what: str, expected: str) -> Path:
     """
     if not path.is_dir():
         state = "is a file, not a folder" if path.exists() else "does not exist"
-        raise DataError(f"{what} {path} {state}; expected the layout {expected}. Pass the right folder.")
+        raise DataError(
+            f"{what} {path} {state}{resolved_from(path)}; expected the layout {expected}. Pass the right folder."
+        )
     return path
 
 
@@ -47,7 +65,10 @@ def require_file(path: Path, what: str, expected: str) -> Path:
         DataError: If the file does not exist.
     """
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist; expected {expected}. Pass the right folder or file.")
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(
+            f"{what} {path} {state}{resolved_from(path)}; expected {expected}. Pass the right folder or file."
+        )
     return path
 
 
@@ -108,22 +129,27 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({error.reason}); re-encode the file as UTF-8.") from None
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Writes a text file so that readers never see a half-written file.
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Writes a file so that readers never see a half-written file (any format: text, safetensors, ...).
 
-    The text goes to a temporary file in the same folder, which then replaces ``path`` in one step.
+    ``write`` fills a temporary file in the same folder, which is flushed to disk, given the permissions of a
+    normally created file and then replaces ``path`` in one step. On any error the temporary file is removed
+    and ``path`` is left as it was.
 
     Args:
         path: The destination; its folder is created if needed.
-        text: The UTF-8 text to write.
+        write: Writes the content to the file path it is given (e.g. ``lambda t: save_file(tensors, t)``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(temporary)
+        flushed = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(flushed)
+        finally:
+            os.close(flushed)
         # mkstemp creates the file private (0600); give it the permissions of a normally created file.
         umask = os.umask(0)
         os.umask(umask)
@@ -132,3 +158,18 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes a text file atomically (see :func:`write_atomically`).
+
+    Args:
+        path: The destination; its folder is created if needed.
+        text: The UTF-8 text to write.
+    """
+
+    def write(target: str) -> None:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    write_atomically(path, write)

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback
 from knlight.neurons.attribution import Attribution, attribute_batch
 from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.neurons.selection import coarse_mask, top_k_mask
-from knlight.tasks.base import BaseTask
+from knlight.tasks.base import BaseTask, ItemKey, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )
+
+
+def input_hash(query: str, answer: str) -> str:
+    """Short hash of what an item's attribution is computed from besides the model: query and answer text."""
+    return short_hash([query, answer])
 
 
 def select_neurons(
@@ -59,10 +64,11 @@ class AttributionModule(BaseTask):
     ``predict_step`` returns one dict per item: its ids (``uuid``, ``language``, ``relation``, ``query_id``),
     ``query``, ``answer``, ``prob`` (P(answer) under the clean model), ``neurons`` (coarse neurons, see
     :func:`select_neurons`), ``residual`` (completeness residual per attributed layer), ``layer_mass`` (share
-    of the item's positive attribution in each attributed layer) and, when ``return_scores``, the dense
-    ``scores`` ``[len(layers), d_ff]``. Items an earlier run already wrote are skipped (see
-    :class:`knlight.callbacks.AttributionWriter`). Run it with ``trainer.inference_mode: false``: IG needs
-    gradients.
+    of the item's positive attribution in each attributed layer), ``input_hash`` (of query and answer, see
+    :func:`input_hash`), ``model_hash`` (of the model's identity, see :meth:`BaseTask.model_identity`) and,
+    when ``return_scores``, the dense ``scores`` ``[len(layers), d_ff]``. Items an earlier run already wrote
+    from the same inputs are skipped (see :class:`knlight.callbacks.AttributionWriter`). Run it with
+    ``trainer.inference_mode: false``: IG needs gradients.
 
     Args:
         model: Hub id (``bert-base-multilingual-cased``, ``ai-forever/mGPT``, ...), local folder or ``.gguf``
@@ -138,12 +144,39 @@ class AttributionModule(BaseTask):
         self.return_scores = return_scores
         self.items_computed = 0
         self.items_skipped = 0
+        # Filled by the writer with done_keys: the input hash each earlier result was computed from.
+        self.done_inputs: dict[ItemKey, str] = {}
 
     @property
     def attributed_layers(self) -> list[int]:
         """The attributed layers, in the order of ``residual``, ``layer_mass`` and ``scores``."""
         layers = self.ig_options["layers"]
         return list(range(self.lm.num_layers)) if layers is None else [int(x) for x in layers]
+
+    @staticmethod
+    def input_hash(item: Item) -> str:
+        """Short hash of the item's query and answer (see :func:`input_hash`)."""
+        return input_hash(item["query"], item["answer"])
+
+    def is_done(self, item: Item) -> bool:
+        """True when an earlier run already wrote this item from the same query and answer.
+
+        Raises:
+            RuntimeError: When an earlier result of the item's key was computed from another query or answer
+                (the writer refuses such a folder before the run starts; this guards data it cannot list).
+        """
+        key = self.item_key(item)
+        if key not in self.done_keys:
+            return False
+        recorded = self.done_inputs.get(key)
+        if recorded is not None and recorded != self.input_hash(item):
+            raise RuntimeError(
+                f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r}: the "
+                f"output folder holds a result computed from another query or answer than {item['query']!r} -> "
+                f"{item['answer']!r}; resuming would mix results of different data. Write to another "
+                "output_dir, or delete the folder to recompute everything."
+            )
+        return True
 
     def threshold_for(self, language: str) -> float:
         """τ for one language: its entry in ``language_thresholds``, else the global ``threshold``."""
@@ -211,6 +244,7 @@ class AttributionModule(BaseTask):
             )
 
     def _results(self, items: list[Item], attribution: Attribution) -> list[dict[str, Any]]:
+        model_hash = self.model_hash()
         out = []
         for i, item in enumerate(items):
             scores = attribution.scores[i].float()
@@ -230,6 +264,8 @@ class AttributionModule(BaseTask):
                 "residual": [None if math.isnan(r) else r for r in attribution.residual[i].tolist()],
                 "layer_mass": (positive / total).tolist() if total > 0 else [0.0] * len(positive),
                 "layers": attribution.layers,
+                "input_hash": self.input_hash(item),
+                "model_hash": model_hash,
             }
             if self.return_scores:
                 result["scores"] = scores

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 from collections.abc import Hashable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from knlight.lm import LanguageModel, load_lm
@@ -28,23 +31,62 @@ def model_kind(model: str, gguf_file: str | None = None) -> str:
     Returns:
         ``"masked"`` or ``"causal"``.
     """
+    from knlight.lm import load_config, model_source
     from knlight.neurons.sites import spec_for
     from knlight.real_models import NAMED_MODEL_TYPES
 
     if model.startswith("tiny:"):
+        model_source(model)  # a clear error for an unknown tiny architecture
         arch = model.split(":")[1]
         return "masked" if spec_for(arch).masked else "causal"
     if model in NAMED_MODEL_TYPES:
         return "masked" if spec_for(NAMED_MODEL_TYPES[model]).masked else "causal"
-    from transformers import AutoConfig
-
-    kwargs: dict[str, Any] = {}
-    if model.endswith(".gguf") and gguf_file is None:
-        model, gguf_file = model.rsplit("/", 1) if "/" in model else (".", model)
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    config = AutoConfig.from_pretrained(model, **kwargs)
+    config = load_config(model, gguf_file)
     return "masked" if spec_for(config.model_type).masked else "causal"
+
+
+def short_hash(value: Any) -> str:
+    """16 hex digits of the SHA-256 of a JSON-serialisable value (canonical JSON: sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def model_identity(name: str, lm: LanguageModel) -> dict[str, Any]:
+    """What identifies a loaded model's results: its name, architecture, weights and tokenizer.
+
+    Hashing every weight would take minutes for a large model; a sample of each parameter (its first and last
+    values and a strided few) changes whenever the weights differ in practice (another seed, checkpoint or
+    fine-tune), as the parameter names and shapes change with the architecture.
+
+    Args:
+        name: The model as configured (``tiny:gpt2``, a hub id, a folder).
+        lm: The loaded model.
+
+    Returns:
+        ``{"name", "type", "parameters", "shapes", "weights", "tokenizer"}``: the name, the transformers
+        ``model_type``, the number of parameters, and short hashes of the parameter names / shapes / dtypes, of
+        the weight samples and of the tokenizer's vocabulary.
+    """
+    shapes, samples = hashlib.sha256(), hashlib.sha256()
+    count = 0
+    for parameter_name, parameter in sorted(lm.model.named_parameters()):
+        count += parameter.numel()
+        shapes.update(f"{parameter_name}:{tuple(parameter.shape)}:{parameter.dtype};".encode())
+        if parameter.is_meta or parameter.numel() == 0:
+            continue  # not materialised (offloaded): its shape still counts
+        flat = parameter.detach().reshape(-1)
+        stride = max(1, flat.numel() // 8)
+        sample = torch.cat([flat[:8], flat[::stride][:8], flat[-8:]]).float().cpu()
+        samples.update(parameter_name.encode() + sample.numpy().tobytes())
+    vocab = sorted(lm.tokenizer.get_vocab().items())
+    return {
+        "name": name,
+        "type": getattr(lm.model.config, "model_type", type(lm.model).__name__),
+        "parameters": count,
+        "shapes": shapes.hexdigest()[:16],
+        "weights": samples.hexdigest()[:16],
+        "tokenizer": short_hash(vocab),
+    }
 
 
 class BaseTask(pl.LightningModule):
@@ -80,6 +122,7 @@ class BaseTask(pl.LightningModule):
         self._lm: LanguageModel | None = None
         self.net: nn.Module | None = None
         self.done_keys: set[ItemKey] = set()
+        self._model_identity: dict[str, Any] | None = None
 
     @property
     def model_kind(self) -> str:
@@ -116,6 +159,16 @@ class BaseTask(pl.LightningModule):
     def is_done(self, item: dict[str, Any]) -> bool:
         """True when an earlier run already produced this item's output (see :attr:`done_keys`)."""
         return self.item_key(item) in self.done_keys
+
+    def model_identity(self) -> dict[str, Any]:
+        """The loaded model's identity (see :func:`model_identity`), computed once."""
+        if self._model_identity is None:
+            self._model_identity = model_identity(self.model_name, self.lm)
+        return self._model_identity
+
+    def model_hash(self) -> str:
+        """A short hash of :meth:`model_identity`, recorded with each result the model produced."""
+        return short_hash(self.model_identity())
 
     def fingerprint(self) -> dict[str, Any]:
         """The hyperparameters that determine this task's results (used to refuse mixing runs on resume)."""
