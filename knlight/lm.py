@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from knlight.errors import KnlightError
+from knlight.errors import ConfigError, KnlightError
 from knlight.neurons.prompts import EncodedQuery, QueryError, encode_query
 from knlight.neurons.sites import NeuronSites, resolve_sites, spec_for
 from knlight.real_models import NAMED_MODELS, model_folder
@@ -27,6 +27,8 @@ from knlight.real_models import NAMED_MODELS, model_folder
 log = logging.getLogger(__name__)
 
 _DTYPES = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -41,7 +43,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r} (model.init_args.dtype); use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 

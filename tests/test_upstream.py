@@ -147,15 +147,39 @@ def test_a_replay_that_gives_other_numbers_is_caught_before_any_score() -> None:
     _message_checks(error, "Gemma3DecoderLayer")
 
 
-def test_sliding_window_rows_use_the_models_own_mask() -> None:
+def test_sliding_window_rows_use_the_models_own_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     """tiny Gemma 3 has a sliding window of 8: a prompt longer than it goes through the windowed mask rows."""
+    from knlight.neurons import engines
+
     lm = load_lm("tiny:gemma3_text")
     window = lm.model.config.sliding_window
     long = ("The capital of France is Paris. " * 3 + "The capital of Germany is [Y].", "Berlin")
-    assert len(lm.encode(*long).input_ids) > 2 * window
+    encoded = lm.encode(*long)
+    assert len(encoded.input_ids) > 2 * window
     ref = attribute_batch(lm, [long, ITEMS[0]], steps=3, engine="reference")
     fast = attribute_batch(lm, [long, ITEMS[0]], steps=3, engine="fast")
     assert rel_diff(fast.scores, ref.scores) <= 1e-5
+
+    # The window is really in play: the clean mask the rows are cut from hides keys older than the window ...
+    engine = engines.FastEngine(lm)
+    engine.clean([encoded.input_ids], [encoded.targets], keep=True)
+    target = encoded.targets[0][0]
+    row = engine._calls[0].kwargs["attention_mask"][0, 0, target]
+    assert (
+        row.dtype == torch.bool
+        and not row[: target - window + 1].any()
+        and row[target - window + 1 : target + 1].all()
+    )
+
+    # ... and a replay that ignores it (plain causal rows) is caught by the engine's own check, not returned.
+    windowed = engines._Rows.mask
+
+    def plain_causal(self: Any, mask: Any, dtype: torch.dtype) -> torch.Tensor:
+        return windowed(self, None, dtype)  # what the rows get when transformers builds no mask
+
+    monkeypatch.setattr(engines._Rows, "mask", plain_causal)
+    with pytest.raises(UpstreamError, match="replay of layer"):
+        attribute_batch(lm, [long], steps=3, engine="fast")
 
 
 def test_cached_interventions_equal_whole_forwards() -> None:

@@ -73,7 +73,7 @@ def encode_query(
         raise QueryError(
             "the tokenizer has no mask token, but the model is a masked LM; pass its real tokenizer"
         )
-    ids, answer_pos, special, word_ids = _tokenize_in_context(tokenizer, prefix, answer, suffix)
+    ids, answer_pos, special, word_ids, spans = _tokenize_in_context(tokenizer, prefix, answer, suffix)
     if not answer_pos:
         raise QueryError(f"answer {answer!r} of query {query!r} tokenises to nothing")
     first, last = answer_pos[0], answer_pos[-1]
@@ -92,13 +92,17 @@ def encode_query(
         input_ids = list(ids[:last])
         targets = tuple((p - 1, ids[p]) for p in answer_pos)
         context = [p for p in range(first) if not special[p]]
-    return EncodedQuery(tuple(input_ids), targets, _group_words(tokenizer, ids, context, word_ids))
+    return EncodedQuery(tuple(input_ids), targets, _group_words(tokenizer, ids, context, word_ids, spans))
+
+
+Spans = list[tuple[int, int, str] | None]
 
 
 def _tokenize_in_context(
     tokenizer: PreTrainedTokenizerBase, prefix: str, answer: str, suffix: str
-) -> tuple[list[int], list[int], list[bool], list[int | None]]:
-    """Return ids, answer positions, special-token flags and word ids of ``prefix + answer + suffix``."""
+) -> tuple[list[int], list[int], list[bool], list[int | None], Spans]:
+    """Return ids, answer positions, special-token flags, word ids and the text span of each token (start,
+    end, text; None when unknown) of ``prefix + answer + suffix``."""
     text = prefix + answer + suffix
     start, end = len(prefix), len(prefix) + len(answer)
     if tokenizer.is_fast:
@@ -118,7 +122,8 @@ def _tokenize_in_context(
                 straddles |= a2 < start or b2 > end
         contiguous = answer_pos == list(range(answer_pos[0], answer_pos[-1] + 1)) if answer_pos else True
         if not straddles and contiguous:
-            return ids, answer_pos, special, list(enc.word_ids())
+            spans: Spans = [(a, b, text[a:b]) for a, b in enc["offset_mapping"]]
+            return ids, answer_pos, special, list(enc.word_ids()), spans
     # Fallback: tokenise the three pieces separately and wrap them in the tokenizer's special tokens.
     pieces = [
         tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in (prefix, answer, suffix)
@@ -128,7 +133,7 @@ def _tokenize_in_context(
     special = [True] * len(before) + [False] * (len(ids) - len(before) - len(after)) + [True] * len(after)
     start_answer = len(before) + len(pieces[0])
     answer_pos = list(range(start_answer, start_answer + len(pieces[1])))
-    return ids, answer_pos, special, [None if s else i for i, s in enumerate(special)]
+    return ids, answer_pos, special, [None if s else i for i, s in enumerate(special)], [None] * len(ids)
 
 
 def _special_wrapping(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -143,13 +148,33 @@ def _special_wrapping(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], li
 
 
 def _group_words(
-    tokenizer: PreTrainedTokenizerBase, ids: list[int], context: list[int], word_ids: list[int | None]
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    context: list[int],
+    word_ids: list[int | None],
+    spans: Spans,
 ) -> tuple[tuple[int, ...], ...]:
-    """Group context positions into words; scripts without spaces count each token as a word."""
+    """Group context positions into words; scripts without spaces count each token as a word.
+
+    A CJK token is read from the text it covers (byte-level BPE splits a character into several tokens that
+    decode to nothing readable, and a token may end inside the next character): consecutive CJK tokens whose
+    character spans overlap form one word (the smallest unit that can be replaced whole); a token covering
+    several characters is one word.
+    """
     groups: dict[object, list[int]] = {}
+    span_group: tuple[int, int] | None = None  # (group key id, end of its character span)
     for pos in context:
         key: object = word_ids[pos] if word_ids[pos] is not None else ("tok", pos)
-        if _is_cjk(str(tokenizer.decode([ids[pos]]))):
-            key = ("tok", pos)
+        span = spans[pos]
+        if span is not None and _is_cjk(span[2]):
+            start, end, _ = span
+            if span_group is not None and start < span_group[1]:
+                key, span_group = ("span", span_group[0]), (span_group[0], max(end, span_group[1]))
+            else:
+                key, span_group = ("span", pos), (pos, end)
+        else:
+            span_group = None
+            if span is None and _is_cjk(str(tokenizer.decode([ids[pos]]))):
+                key = ("tok", pos)
         groups.setdefault(key, []).append(pos)
     return tuple(tuple(g) for g in groups.values())
