@@ -19,6 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight.errors import KnlightError
+from knlight.resume import resolve_fit
 from knlight.tasks.base import BaseTask
 
 
@@ -56,6 +57,13 @@ class KnlightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             "model", "data.init_args.model_kind", compute_fn=model_kind_of, apply_on="instantiate"
+        )
+
+    def before_fit(self) -> None:
+        """A re-run of a killed fit resumes in its own run folder (see :mod:`knlight.resume`)."""
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_fit(
+            self.trainer, self.model, self.datamodule, config.get("ckpt_path"), config.get("seed_everything")
         )
 
 

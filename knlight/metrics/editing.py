@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from knlight.data.jsonio import write_text_atomically
+
 
 class MeanCount(Metric):
     """Mean of all values seen (on every process) and their number; ``compute`` returns ``[mean, count]``."""
@@ -113,16 +115,17 @@ def result_table(values: dict[str, tuple[float, int]]) -> list[dict[str, Any]]:
 
 
 def write_table(rows: list[dict[str, Any]], directory: str | Path, stem: str, extra: dict[str, Any]) -> Path:
-    """Write ``<stem>.json`` (``extra`` + ``rows``) and ``<stem>.csv`` in ``directory``; returns the first."""
+    """Write ``<stem>.json`` (``extra`` + ``rows``) and ``<stem>.csv`` in ``directory``; returns the first.
+
+    Each file is written atomically: a crash or a full disk leaves the previous file (or none), never a
+    truncated one.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=TABLE_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    (directory / f"{stem}.csv").write_text(buffer.getvalue(), encoding="utf-8")
+    write_text_atomically(directory / f"{stem}.csv", buffer.getvalue())
     path = directory / f"{stem}.json"
-    path.write_text(
-        json.dumps({**extra, "rows": rows}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    write_text_atomically(path, json.dumps({**extra, "rows": rows}, indent=1, ensure_ascii=False) + "\n")
     return path

@@ -10,8 +10,10 @@ holds one delta per slice as ``nn.Parameter`` and adds it **in the forward pass*
 
 The base tensors are never written, so :meth:`NeuronEdit.remove` restores the model bitwise, an optimizer
 given :meth:`NeuronEdit.parameters` can only move the deltas, and an edit is a small file
-(:meth:`NeuronEdit.save`). :meth:`NeuronEdit.merge` bakes an edit into the weights (keeping exact copies of
-the touched slices, so :meth:`NeuronEdit.unmerge` restores them bitwise too).
+(:meth:`NeuronEdit.save`) that records the model it was made on (:meth:`NeuronEdit.base_identity`: a sketch
+of the base weights at the edited neurons, checked by :meth:`NeuronEdit.load`). :meth:`NeuronEdit.merge` bakes
+an edit into the weights (keeping exact copies of the touched slices, so :meth:`NeuronEdit.unmerge` restores
+them bitwise too).
 
 Layouts: ``nn.Linear`` weights are ``[out, in]``; GPT-2 ``Conv1D`` weights are ``[in, out]`` (handled here,
 never by callers). Deltas are stored layout-free: ``in_weight[j, k]`` is neuron k's input row (length
@@ -29,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -38,6 +41,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from knlight.data.jsonio import write_atomically
+from knlight.errors import KnlightError
 from knlight.lm import LanguageModel
 from knlight.neurons.sites import NeuronSites, resolve_sites
 
@@ -49,8 +54,17 @@ FORMAT = "knlight.neuron_edit/1"
 """``format`` metadata value of a saved edit."""
 
 
-class NeuronEditError(ValueError):
-    """An edit that does not fit a model (neuron out of range, other sizes, unsupported layout)."""
+class NeuronEditError(KnlightError, ValueError):
+    """An edit that does not fit a model (neuron out of range, other sizes or weights, unsupported layout), or
+    an edit file that cannot be read."""
+
+
+SKETCH_SIZE = 8
+"""Numbers in the sketch of an edit's base weights (see :meth:`NeuronEdit.base_identity`)."""
+_SKETCH_VALUES = 1 << 16  # at most this many base values enter the sketch (evenly spaced)
+_SKETCH_TOLERANCE = 0.05  # per sketch number; the same weights in another dtype differ by ~0.005 (bf16)
+_NORM_TOLERANCE = 0.02  # relative
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19)
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,10 @@ class NeuronEdit(nn.Module):
         """
         net, _ = _sites_of(model)
         edit = cls(neurons, model_layout(model), metadata, dtype)
+        name = edit.metadata.get("model")
+        edit.metadata.setdefault(
+            "base_model", edit.base_identity(model, name if isinstance(name, str) else None)
+        )
         return edit.to(next(net.parameters()).device)
 
     @property
@@ -353,6 +371,91 @@ class NeuronEdit(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------------
+    # the model an edit was made on
+
+    @torch.no_grad()
+    def base_identity(self, model: nn.Module | LanguageModel, name: str | None = None) -> dict[str, Any]:
+        """What identifies the base weights this edit acts on: a sketch of them at the edited neurons.
+
+        The deltas were trained against these weights; on another model of the same shape they do something
+        else. The sketch is ``SKETCH_SIZE`` fixed projections of (up to 65536 evenly spaced) base values of the
+        edited slices, normalised by their norm: the same weights in another dtype give the same sketch to
+        ~0.005, other weights an unrelated one (each number ~N(0, 1)). Cheap: it reads only those slices.
+
+        Args:
+            model: The model (its weights are read, never written).
+            name: The model's name (e.g. ``tiny:gpt2``, a hub id); default: its config's ``_name_or_path``.
+
+        Returns:
+            ``{"name", "dtype", "values", "norm", "sketch"}``.
+        """
+        net, _ = _sites_of(model)
+        if name is None:
+            name = str(getattr(getattr(net, "config", None), "_name_or_path", "") or type(net).__name__)
+        parts = [param.detach().index_select(dim, idx).movedim(dim, 0).reshape(-1)
+                 for param, dim, idx, _ in self._slices(model)]  # fmt: skip
+        values = torch.cat(parts).to("cpu", torch.float64)
+        if values.numel() > _SKETCH_VALUES:
+            values = values[torch.linspace(0, values.numel() - 1, _SKETCH_VALUES).round().long()]
+        norm = float(values.norm())
+        position = torch.arange(values.numel(), dtype=torch.float64)
+        sketch = []
+        for prime in _PRIMES[:SKETCH_SIZE]:
+            # cos(2π·frac(i·α)) with irrational α = frac(√prime): a fixed pattern of mean square 1/2
+            direction = torch.cos(2 * math.pi * torch.frac(position * (math.sqrt(prime) % 1.0)))
+            sketch.append(
+                round(float((direction * values).sum()) * math.sqrt(2.0) / norm, 6) if norm else 0.0
+            )
+        dtype = str(parts[0].dtype).removeprefix("torch.") if parts else "unknown"
+        return {"name": name, "dtype": dtype, "values": int(values.numel()), "norm": norm, "sketch": sketch}
+
+    def check_base(
+        self,
+        model: nn.Module | LanguageModel,
+        name: str | None = None,
+        source: str = "edit",
+        allow_other_model: bool = False,
+    ) -> None:
+        """Refuse to act on other base weights than the edit was made on (see :meth:`base_identity`).
+
+        Args:
+            model: The model the edit is about to be applied to.
+            name: Its name, for the message.
+            source: The edit, for the message (its file).
+            allow_other_model: Warn instead of raising.
+
+        Raises:
+            NeuronEditError: When the base weights at the edited neurons differ (another model of the same
+                shape, e.g. another seed or checkpoint).
+        """
+        made_on = self.metadata.get("base_model")
+        current = self.base_identity(model, name)
+        if not isinstance(made_on, dict) or not isinstance(made_on.get("sketch"), list):
+            log.warning(
+                "%s does not record the model it was made on (written by an older knlight?); cannot check that "
+                "it fits %s",
+                source,
+                current["name"],
+            )
+            return
+        if _same_weights(made_on, current):
+            if made_on.get("name") != current["name"]:
+                log.info(
+                    "%s was made on %s: the same weights as %s", source, made_on.get("name"), current["name"]
+                )
+            return
+        message = (
+            f"{source} was made on model {made_on.get('name')!r}, but this model ({current['name']!r}) has other "
+            "base weights at the edited neurons (same shape, other model, seed or checkpoint): the deltas were "
+            f"trained against {made_on.get('name')!r} and do not do here what was measured there. Apply it to "
+            f"{made_on.get('name')!r}, or force it with allow_other_model=True (config: "
+            "model.init_args.allow_other_model: true)"
+        )
+        if not allow_other_model:
+            raise NeuronEditError(message)
+        log.warning("%s; applying it anyway (allow_other_model)", message.split(": the deltas")[0])
+
+    # ------------------------------------------------------------------------------------------------------
     # files
 
     def check_layout(self, layout: EditLayout, source: str = "edit") -> None:
@@ -389,7 +492,8 @@ class NeuronEdit(nn.Module):
 
         Metadata (strings; JSON where structured): ``format``, the :class:`EditLayout` fields, ``layers``,
         ``date`` (UTC, ISO 8601) and everything in :attr:`metadata` and ``metadata`` (e.g. ``model``,
-        ``method``, ``facts``). Written atomically (temporary file, then rename).
+        ``method``, ``facts``, ``base_model``). Written atomically: a crash never leaves a truncated file (a
+        temporary file in the same folder, flushed to disk, then renamed over ``path``).
 
         Returns:
             The path written.
@@ -397,7 +501,6 @@ class NeuronEdit(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {
             **self.metadata,
             **metadata,
@@ -408,34 +511,60 @@ class NeuronEdit(nn.Module):
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         strings = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in info.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.tensors(), str(tmp), metadata=strings)
-        tmp.replace(path)
+        tensors = self.tensors()
+        write_atomically(path, lambda target: save_file(tensors, target, metadata=strings))
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | LanguageModel | None = None) -> NeuronEdit:
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module | LanguageModel | None = None,
+        *,
+        model_name: str | None = None,
+        allow_other_model: bool = False,
+    ) -> NeuronEdit:
         """Read an edit written by :meth:`save`, validating it against ``model`` when given.
 
+        Args:
+            path: The ``.safetensors`` file.
+            model: Check that the edit fits this model: sizes, neurons and the base weights it was made on
+                (:meth:`check_base`); the edit is moved to its device.
+            model_name: The model's name, for messages.
+            allow_other_model: Only warn when the edit was made on other base weights.
+
         Raises:
-            NeuronEditError: Missing file, not a knlight edit, inconsistent tensors, or (with ``model``) a
-                neuron outside the model or other sizes (d_ff, d_model, layers, input projections).
+            NeuronEditError: Missing, truncated or corrupt file, not a knlight edit, inconsistent tensors, or
+                (with ``model``) a neuron outside the model, other sizes (d_ff, d_model, layers, input
+                projections) or other base weights.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise NeuronEditError(
                 f"{path}: no such edit file; write one with NeuronEdit.save or `knlight fit`"
             )
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise NeuronEditError(
+                f"{path}: not a readable safetensors file ({type(error).__name__}: {error}); it is truncated or "
+                "corrupt (an interrupted copy?): copy it again, or re-create it with `knlight fit`"
+            ) from None
         if raw.get("format") != FORMAT:
             raise NeuronEditError(
                 f"{path}: not a knlight neuron edit (format {raw.get('format')!r}, want {FORMAT!r})"
             )
         meta = {k: _maybe_json(v) for k, v in raw.items()}
+        missing = [k for k in EditLayout.__dataclass_fields__ if k not in meta]
+        missing += [k for k in ("neurons", "in_weight", "out_weight") if k not in tensors]
+        if missing:
+            raise NeuronEditError(
+                f"{path}: a knlight edit without {', '.join(missing)}; re-create it with `knlight fit`"
+            )
         layout = EditLayout(**{k: meta[k] for k in EditLayout.__dataclass_fields__})
         neurons = [tuple(n) for n in tensors["neurons"].tolist()]
         check_neurons(neurons, layout.num_layers, layout.d_ff, source=str(path))
@@ -456,12 +585,25 @@ class NeuronEdit(nn.Module):
             actual = model_layout(model)
             check_neurons(neurons, actual.num_layers, actual.d_ff, source=str(path))
             edit.check_layout(actual, source=str(path))
+            edit.check_base(model, model_name, str(path), allow_other_model)
             net, _ = _sites_of(model)
             edit = edit.to(next(net.parameters()).device)
         return edit
 
     def extra_repr(self) -> str:
         return f"neurons={len(self.neurons)}, layers={self.layers}, layout={self.layout}"
+
+
+def _same_weights(made_on: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Two :meth:`NeuronEdit.base_identity` records describe the same weights (to dtype rounding)."""
+    sketch_a, sketch_b = made_on.get("sketch") or [], current.get("sketch") or []
+    norm_a, norm_b = float(made_on.get("norm") or 0.0), float(current.get("norm") or 0.0)
+    return (
+        made_on.get("values") == current.get("values")
+        and len(sketch_a) == len(sketch_b)
+        and abs(norm_a - norm_b) <= _NORM_TOLERANCE * max(norm_a, norm_b)
+        and all(abs(float(a) - float(b)) <= _SKETCH_TOLERANCE for a, b in zip(sketch_a, sketch_b))
+    )
 
 
 def _maybe_json(value: str) -> Any:

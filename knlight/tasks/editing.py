@@ -33,10 +33,11 @@ under ``no_grad``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
 from knlight.neurons.prompts import EncodedQuery, QueryError
+from knlight.resume import describe_callable
 from knlight.tasks.base import BaseTask
 
 log = logging.getLogger(__name__)
@@ -305,7 +307,10 @@ class EditingModule(BaseTask):
         enhance_factor: Scale of the neurons in ``enhance`` mode.
         inject_unknown_in: ``inject``: a fact qualifies when the model does not know it in the edit languages
             (``edit_languages``) or in every language (``all``, so other-language success is transfer).
-        load_edit: Evaluate this saved edit (``edit.safetensors``) instead of a fresh zero edit.
+        load_edit: Evaluate this saved edit (``edit.safetensors``) instead of a fresh zero edit. It must
+            have been made on this model (its base weights at the edited neurons are compared).
+        allow_other_model: Apply ``load_edit`` even when it was made on another model (a warning instead of
+            an error).
         eval_chunk: Sequences per forward in evaluation.
         seed: Seed of the request choice, the random rule and the training schedule.
     """
@@ -337,6 +342,7 @@ class EditingModule(BaseTask):
         enhance_factor: float = 2.0,
         inject_unknown_in: Literal["edit_languages", "all"] = "all",
         load_edit: str | None = None,
+        allow_other_model: bool = False,
         eval_chunk: int = 64,
         seed: int = 0,
     ) -> None:
@@ -377,6 +383,7 @@ class EditingModule(BaseTask):
         self.enhance_factor = enhance_factor
         self.inject_unknown_in = inject_unknown_in
         self.load_edit = load_edit
+        self.allow_other_model = allow_other_model
         self.eval_chunk = eval_chunk
         self.seed = seed
         self.strict_loading = False  # checkpoints hold the deltas only (see on_save_checkpoint)
@@ -391,6 +398,8 @@ class EditingModule(BaseTask):
         self._methods: dict[str, NeuronEdit | None] | None = None
         self._encoded: dict[tuple[str, str], EncodedQuery] = {}
         self._group: int | None = None
+        self._schedule_digest: str | None = None  # of the schedule being trained
+        self._resumed_schedule: str | None = None  # of the schedule a checkpoint was trained on
         self.by_fact: dict[str, dict[str, FactRecord]] = {}
         self.languages: list[str] = []
         self.train_languages: list[str] = []
@@ -427,7 +436,12 @@ class EditingModule(BaseTask):
         self._plan()
         if self.mode != "enhance":
             if self.load_edit:
-                edit = NeuronEdit.load(self.load_edit, self.lm)
+                edit = NeuronEdit.load(
+                    self.load_edit,
+                    self.lm,
+                    model_name=self.model_name,
+                    allow_other_model=self.allow_other_model,
+                )
             else:
                 neurons = sorted({n for r in self.requests for n in r.neurons})
                 edit = NeuronEdit.for_model(self.lm, neurons, self._provenance())
@@ -629,8 +643,12 @@ class EditingModule(BaseTask):
             "steps": self.steps,
             "edits_per_group": self.edits_per_group,
             "locality_weight": self.locality_weight,
-            "optimizer": repr(self.optimizer_factory),
+            "optimizer": describe_callable(self.optimizer_factory),
         }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The hyperparameters and the optimizer (class and arguments): what a resumed fit must share."""
+        return {**super().fingerprint(), "optimizer": describe_callable(self.optimizer_factory)}
 
     # ------------------------------------------------------------------------------------------------------
     # rows served by EditingDataModule
@@ -642,7 +660,14 @@ class EditingModule(BaseTask):
             if self.mode == "enhance":
                 raise RuntimeError("mode=enhance is training-free: run `knlight validate` or `knlight test`")
             data = self._data()
-            return self.schedule(getattr(data, "batch_size", 8) * world)
+            schedule = self.schedule(getattr(data, "batch_size", 8) * world)
+            self._schedule_digest = schedule_digest(schedule)
+            if self._resumed_schedule not in (None, self._schedule_digest):
+                raise RuntimeError(
+                    "the checkpoint this fit resumes from was trained on another schedule of rows (other "
+                    "data, requests or global batch); start a new run instead of resuming it"
+                )
+            return schedule
         rows = [dict(r, row_id=k) for k, r in enumerate(self.eval_rows)]
         rows += [{"pad": True}] * (-len(rows) % world)  # no DistributedSampler duplicates
         return rows
@@ -814,6 +839,9 @@ class EditingModule(BaseTask):
             params.append((self.edit.in_bias, 1))
         return [(p, dim, idx) for p, dim in params]
 
+    fit_output = "edit.safetensors"
+    """What a finished fit writes in its run folder (a run without it is resumed, see knlight.resume)."""
+
     def on_fit_end(self) -> None:
         """Saves the edit (``edit.safetensors``) in the log dir."""
         if self.edit is None:
@@ -821,14 +849,21 @@ class EditingModule(BaseTask):
         out_dir = self._out_dir()  # collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
             return
-        path = self.edit.save(Path(out_dir) / "edit.safetensors", **self._provenance())
+        path = self.edit.save(Path(out_dir) / self.fit_output, **self._provenance())
         log.info("edit saved to %s (%d neurons)", path, len(self.edit.neurons))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints keep the deltas, not the frozen language model."""
+        """Checkpoints keep the deltas, not the frozen language model, and where the schedule stands."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("net.")]:
             del state[key]
+        checkpoint[CHECKPOINT_KEY] = {"group": self._group, "schedule": self._schedule_digest}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: the current editing group (its optimizer state is in the checkpoint) and the schedule."""
+        state = checkpoint.get(CHECKPOINT_KEY, {})
+        self._group = state.get("group")
+        self._resumed_schedule = state.get("schedule")
 
     # ------------------------------------------------------------------------------------------------------
     # evaluation
@@ -1006,6 +1041,62 @@ class EditingModule(BaseTask):
 
 
 _HEADLINE = (("reliability", "rank"), ("generality_cross", "rank"), ("locality", "top1"), ("facts", "rank"))
+CHECKPOINT_KEY = "knlight_editing"
+
+
+def schedule_digest(rows: Sequence[Row]) -> str:
+    """SHA-256 of a training schedule (a resumed fit must continue the schedule it was trained on)."""
+    return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ScheduleSampler(DistributedSampler):
+    """This process's rows of the schedule in order, from batch ``skip_batches`` on.
+
+    The length stays the whole schedule's (Lightning counts the batches of a resumed epoch from where it
+    stopped); only the iteration skips the batches trained before the checkpoint. Global batch k is the rows
+    ``[k·B·W, (k+1)·B·W)`` (B rows per process, W processes), sharded in order: each process's k-th batch.
+    """
+
+    def __init__(self, dataset: ItemDataset, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batch_size = batch_size
+        self.skip_batches = 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip_batches = self.skip_batches, 0  # only the resumed epoch starts late
+        return iter(list(super().__iter__())[skip * self.batch_size :])
+
+
+class ScheduleLoader(DataLoader):
+    """The training schedule's loader; resumable mid-epoch (Lightning's stateful-loader protocol).
+
+    Lightning stores :meth:`state_dict` in every checkpoint and, when a fit resumes, gives it back to
+    :meth:`load_state_dict` before iterating: the iteration then starts at the first batch not yet trained.
+
+    Args:
+        dataset: The schedule's rows.
+        sampler: Its :class:`ScheduleSampler`.
+        batches_done: Batches of the current epoch already trained (read when a checkpoint is saved).
+        **kwargs: Passed to :class:`~torch.utils.data.DataLoader`.
+    """
+
+    def __init__(
+        self, dataset: ItemDataset, sampler: ScheduleSampler, batches_done: Callable[[], int], **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": int(self.batches_done()), "rows": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict.get("rows") != len(self.dataset):  # type: ignore[arg-type]
+            raise RuntimeError(
+                f"the checkpoint was saved with a schedule of {state_dict.get('rows')} rows, this run has "
+                f"{len(self.dataset)}; start a new run instead of resuming it"  # type: ignore[arg-type]
+            )
+        assert isinstance(self.sampler, ScheduleSampler)
+        self.sampler.skip_batches = int(state_dict["batches_done"])
 
 
 class EditingDataModule(RMLLamaDataModule):
@@ -1040,8 +1131,26 @@ class EditingDataModule(RMLLamaDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """The training schedule, in order (global batches are laid out consecutively)."""
-        return self._rows_loader(self._task().rows("train"))
+        """The training schedule, in order (global batches are laid out consecutively); resumable mid-epoch."""
+        dataset = ItemDataset(self._task().rows("train"))
+        trainer = self.trainer
+        shard = {"num_replicas": 1, "rank": 0}
+        if trainer is not None and trainer.world_size > 1:
+            shard = dict(trainer.distributed_sampler_kwargs or shard)
+        sampler = ScheduleSampler(dataset, self.batch_size, shard["num_replicas"], shard["rank"])
+        return ScheduleLoader(
+            dataset,
+            sampler,
+            self._batches_done,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_items,
+        )
+
+    def _batches_done(self) -> int:
+        # Lightning's count of the epoch's batches whose step ran (checkpoints are saved after the step).
+        assert self.trainer is not None
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]
 
     def val_dataloader(self) -> DataLoader:
         """Evaluation rows."""
