@@ -212,3 +212,75 @@ def test_no_validation_split_needs_given_thresholds(tmp_path: Path) -> None:
         main(args("test", tmp_path / "a", *split))
     main(args("test", tmp_path / "b", *split, "--model.init_args.thresholds", "{prob: 50.0}"))
     assert results(tmp_path / "b", "test")["threshold_source"] == {"prob": "given"}
+
+
+def _tiny_claims():
+    from knlight.tasks.factcheck import FactCheckDataModule
+
+    data = FactCheckDataModule(str(FIXTURE), split_fractions=(0.5, 0.25, 0.25), seed=5, model_kind="causal",
+                               queries_per_fact=1, max_wrong=2)  # fmt: skip
+    data.setup("test")
+    return data
+
+
+def test_logistic_detectors_are_fit_on_the_train_split_only(tested: Path) -> None:
+    """The LR's standardisation is the train claims' feature statistics, computed here from plain activations."""
+    from knlight import load_lm
+    from knlight.neurons.hooks import capture_activations
+
+    doc = results(tested, "test")
+    lm = load_lm("tiny:gpt2")
+    sets = {s["relation"]: [tuple(n) for n in s["neurons"]] for s in doc["relation_sets"]}
+
+    def act_features(claims: list[Claim]) -> torch.Tensor:
+        rows = []
+        for claim in claims:
+            encoded = lm.encode(claim.query, claim.candidate)
+            store: dict[int, torch.Tensor] = {}
+            with torch.no_grad(), capture_activations(lm.sites.out_projs, store):
+                lm.model(input_ids=torch.tensor([encoded.input_ids]))
+            positions = [p for p, _ in encoded.targets]
+            values = torch.stack(
+                [store[layer][0, positions, index].mean() for layer, index in sets[claim.relation]]
+            )
+            rows.append([float(values.double().mean()), float(values.min()), float(values.max())])
+        return torch.tensor(rows, dtype=torch.float64)
+
+    data = _tiny_claims()
+    train = act_features(data.claims("train"))
+    held_out = act_features(data.claims("val") + data.claims("test"))
+    fitted = doc["logistic"]["act_lr"]
+    assert fitted["columns"] == ["act_mean", "act_min", "act_max"]
+    assert torch.allclose(
+        torch.tensor(fitted["mean"], dtype=torch.float64), train.mean(0), rtol=1e-5, atol=1e-7
+    )
+    assert torch.allclose(
+        torch.tensor(fitted["std"], dtype=torch.float64), train.std(0, unbiased=False), rtol=1e-4
+    )
+    everything = torch.cat([train, held_out]).mean(0)
+    assert not torch.allclose(torch.tensor(fitted["mean"], dtype=torch.float64), everything, rtol=1e-3)
+
+
+def test_probability_detectors_equal_a_plain_forward(tested: Path) -> None:
+    """prob = -log P(candidate), prob_mean = -log P / tokens, rank = 1 + tokens scored above its first token."""
+    from knlight import load_lm
+
+    lm = load_lm("tiny:gpt2")
+    by_id = {c.claim_id: c for c in _tiny_claims().claims("test")}
+    rows = claim_rows(tested, "test")
+    assert len(rows) == len(by_id) == 9
+    lengths = set()
+    for row in rows:
+        claim = by_id[int(row["claim_id"])]
+        encoded = lm.encode(claim.query, claim.candidate)
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([encoded.input_ids])).logits[0].float()
+        positions = [p for p, _ in encoded.targets]
+        tokens = torch.tensor([t for _, t in encoded.targets])
+        log_p = torch.log_softmax(logits[positions], -1).gather(1, tokens[:, None]).sum()
+        rank = 1 + int((logits[positions[0]] > logits[positions[0], tokens[0]]).sum())
+        assert float(row["score_prob"]) == pytest.approx(-float(log_p), rel=1e-5)
+        assert float(row["score_prob_mean"]) == pytest.approx(-float(log_p) / len(tokens), rel=1e-5)
+        assert float(row["score_rank"]) == rank and int(float(row["n_tokens"])) == len(tokens)
+        lengths.add(len(tokens))
+    assert len(lengths) > 1  # candidates of different lengths: prob and prob_mean really differ

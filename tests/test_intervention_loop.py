@@ -215,3 +215,86 @@ def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
         intervention_task.InterventionModule(
             "tiny:gpt2", methods={"a": {"path": "x"}}, unrelated_relations="all"
         )
+
+
+@pytest.fixture(scope="module")
+def every_unrelated(tmp_path_factory: pytest.TempPathFactory, in_repo: None) -> Path:
+    """The tiny run with every other fact's query as the unrelated set (no sampling: checkable by hand)."""
+    root = tmp_path_factory.mktemp("intervene-all")
+    main(intervene_args(root, "--model.init_args.unrelated_per_query", "100"))
+    return root
+
+
+def _direct(lm, encoded: list, neurons: list, factor: float) -> float:
+    """Mean ΔP over queries, each computed alone: P_after / P_before - 1."""
+    changes = []
+    for e in encoded:
+        lp = intervene(lm, [(e, [], 1.0), (e, list(neurons), factor)]).log_prob.double()
+        changes.append(math.expm1(float(lp[1] - lp[0])))
+    return sum(changes) / len(changes)
+
+
+def test_erase_unrelated_cross_lingual_and_jaccard_values(every_unrelated: Path, in_repo: None) -> None:
+    lm = load_lm("tiny:gpt2")
+    neurons = read_neuron_file(REPO / "configs" / "tiny" / "neurons" / "dai.json")
+    records = [
+        json.loads(line)
+        for line in (REPO / "tests" / "fixtures" / "rml_small.jsonl").read_text().splitlines()
+    ]
+    facts = table(every_unrelated, "facts")
+    tested = sorted({r["uuid"] for r in facts})
+    assert len(tested) == 2
+
+    def queries(uuid: str, language: str) -> list:
+        record = next(r for r in records if (r["uuid"], r["language"]) == (uuid, language))
+        return [lm.encode(q, record["object"]) for q in record["queries"] if not q.startswith("[Y]")]
+
+    erase_differs = 0
+    for row in facts:
+        if row["method"] != "dai" or row["neurons"] != "selected":
+            continue
+        uuid, language = row["uuid"], row["language"]
+        fact = neurons.facts[uuid]
+        own = fact.languages[language]
+        union = list(dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang]))
+        chosen = union if row["operation"] == "erase" else own
+        factor = 2.0 if row["operation"] == "enhance" else 0.0
+        # erase = the fact's neurons of every language suppressed together
+        assert float(row["dp_related"]) == pytest.approx(_direct(lm, queries(uuid, language), chosen, factor),
+                                                         rel=1e-4, abs=1e-6)  # fmt: skip
+        erase_differs += row["operation"] == "erase" and set(union) != set(own)
+        # unrelated: every query of the other tested fact in the same language
+        others = [q for other in tested if other != uuid for q in queries(other, language)]
+        assert float(row["dp_unrelated"]) == pytest.approx(
+            _direct(lm, others, chosen, factor), rel=1e-4, abs=1e-6
+        )
+    assert erase_differs > 0  # the union is larger than a language's own set somewhere: erase is not suppress
+
+    cross = {(r["source"], r["target"]): float(r["dp"]) for r in table(every_unrelated, "cross_lingual")
+             if r["method"] == "dai"}  # fmt: skip
+    checked = 0
+    for source in ("de", "en", "zh-hans"):
+        for target in ("de", "en", "zh-hans"):
+            units = [
+                u
+                for u in tested
+                if neurons.facts[u].languages.get(source) and neurons.facts[u].languages.get(target)
+            ]
+            if source == target or not units:
+                continue
+            expected = sum(
+                _direct(lm, queries(u, target), neurons.facts[u].languages[source], 0.0) for u in units
+            )
+            assert cross[(source, target)] == pytest.approx(expected / len(units), rel=1e-4, abs=1e-6)
+            checked += 1
+    assert checked == 6
+
+    jaccard = {(r["language_a"], r["language_b"]): float(r["jaccard"]) for r in table(every_unrelated, "jaccard")
+               if r["method"] == "dai"}  # fmt: skip
+    off_diagonal = []
+    for a, b in (("de", "en"), ("de", "zh-hans"), ("en", "zh-hans")):
+        sets = [(set(neurons.facts[u].languages[a]), set(neurons.facts[u].languages[b])) for u in tested]
+        expected = sum(len(x & y) / len(x | y) for x, y in sets) / len(sets)
+        assert jaccard[(a, b)] == pytest.approx(expected) == pytest.approx(jaccard[(b, a)])
+        off_diagonal.append(expected)
+    assert any(v < 1.0 for v in off_diagonal)  # the languages' sets differ: the table is not trivially 1
