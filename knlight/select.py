@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from knlight.data.errors import DataError
-from knlight.data.jsonio import iter_jsonl
+from knlight.data.jsonio import iter_jsonl, resolved_from
+from knlight.errors import KnlightError
 from knlight.neurons.interventions import Neuron
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.neurons.prompts import EncodedQuery, QueryError
@@ -64,7 +66,7 @@ SCORES_HINT = (
 )
 
 
-class SelectionError(ValueError):
+class SelectionError(KnlightError, ValueError):
     """Attribution output that cannot be turned into neurons (missing files, NaN scores, bad options)."""
 
 
@@ -196,7 +198,7 @@ def read_attributions(path: str | Path, scores: str | Path | None = None) -> Att
     jsonl = path / MERGED if path.is_dir() else path
     if not jsonl.is_file():
         raise SelectionError(
-            f"{jsonl} does not exist; run `knlight predict --config ...` first (it writes "
+            f"{jsonl} does not exist{resolved_from(jsonl)}; run `knlight predict --config ...` first (it writes "
             f"<save_dir>/<name>/attributions/{MERGED}) and pass that folder as --attributions"
         )
     items: list[QueryAttribution] = []
@@ -236,8 +238,13 @@ def read_attributions(path: str | Path, scores: str | Path | None = None) -> Att
         raise SelectionError(str(error)) from None
     if not items:
         raise SelectionError(f"{jsonl} has no attribution lines; the predict run selected no items")
-    run_file = folder / "run.json"
-    hparams = json.loads(run_file.read_text("utf-8")).get("hparams", {}) if run_file.is_file() else {}
+    from knlight.callbacks.run_folder import RunFolderError, check_complete, read_run_file
+
+    try:
+        check_complete(jsonl, len(items))
+        hparams = (read_run_file(folder) or {}).get("hparams", {})
+    except RunFolderError as error:
+        raise SelectionError(str(error)) from None
     score_path = Path(scores) if scores is not None else folder / SCORES
     return AttributionRun(jsonl, items, hparams, score_path if score_path.is_file() else None)
 
@@ -246,12 +253,14 @@ class DenseScores:
     """Reads the dense (or top-k) scores of items from a predict run's ``scores.safetensors``."""
 
     def __init__(self, path: Path, num_layers: int, d_ff: int, allow_top_k: bool) -> None:
-        from safetensors import safe_open
 
         self.path = path
         self.num_layers = num_layers
         self.d_ff = d_ff
-        self._handle = safe_open(str(path), framework="pt")
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise self._damaged(error) from None
         meta = self._handle.metadata() or {}
         self.format = meta.get("format", "dense")
         self.layers = json.loads(meta["layers"]) if "layers" in meta else list(range(num_layers))
@@ -266,6 +275,20 @@ class DenseScores:
             )
         self._names = set(self._handle.keys())
 
+    def _damaged(self, error: Exception) -> SelectionError:
+        return SelectionError(
+            f"cannot read the scores file {self.path}{resolved_from(self.path)} ({type(error).__name__}: "
+            f"{error}): it is damaged (e.g. truncated by a full disk or an interrupted copy). Re-run `knlight "
+            "predict` with the same settings into a new output folder (or after deleting this one) to write it "
+            "again, or pass the right file with --scores"
+        )
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise self._damaged(error) from None
+
     def get(self, item: QueryAttribution) -> torch.Tensor:
         """``[num_layers, d_ff]`` scores of one item (layers that were not attributed are 0)."""
         from knlight.callbacks.writer import tensor_key
@@ -278,7 +301,7 @@ class DenseScores:
                 raise SelectionError(
                     f"{self.path} has no scores for item {list(item.key)} ({item.where}); " + SCORES_HINT
                 )
-            dense = self._handle.get_tensor(name).float()
+            dense = self._tensor(name).float()
             if dense.shape[1] != self.d_ff:
                 raise SelectionError(
                     f"{self.path}: scores of item {list(item.key)} have {dense.shape[1]} neurons per layer, "
@@ -290,8 +313,8 @@ class DenseScores:
                 raise SelectionError(
                     f"{self.path} has no scores for item {list(item.key)} ({item.where}); " + SCORES_HINT
                 )
-            index = self._handle.get_tensor(f"{key}/index").long()
-            out[index[:, 0], index[:, 1]] = self._handle.get_tensor(f"{key}/score").float()
+            index = self._tensor(f"{key}/index").long()
+            out[index[:, 0], index[:, 1]] = self._tensor(f"{key}/score").float()
         if torch.isnan(out).any():
             raise SelectionError(
                 f"{self.path}: item {list(item.key)} ({item.where}) has NaN attribution scores; re-run "

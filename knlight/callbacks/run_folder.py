@@ -30,6 +30,7 @@ from typing import Any
 
 from knlight.data.errors import DataError
 from knlight.data.jsonio import read_json, resolved_from
+from knlight.errors import KnlightError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ START_OVER = f"choose another output folder ({OUTPUT_DIR}), or delete the folder
 Key = tuple[Any, ...]
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(KnlightError, RuntimeError):
     """An output folder that cannot be used as it is: busy, other settings or inputs, damaged, incomplete."""
 
 
@@ -157,7 +158,7 @@ class FolderLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+            "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])[:500],
         }
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, (json.dumps(holder) + "\n").encode("utf-8"), 0)

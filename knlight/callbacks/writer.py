@@ -23,8 +23,9 @@ share of the item's positive attribution, one entry per attributed layer (all la
 (query and answer; the model's identity, also in ``run.json``).
 Floats are written as the shortest decimal that round-trips their float32 value.
 
-Resume: at start the writer collects the keys already present in ``attributions.jsonl`` and in the shards
+Resume: at start the writer collects the items already present in ``attributions.jsonl`` and in the shards
 and hands them to the module (``done_keys``), which skips those items; at the end everything is merged again.
+An item counts as done only when its stored ``input_hash`` and ``model_hash`` equal the current ones.
 Shard names carry an attempt number, so a new run never overwrites an earlier run's shards. A run whose
 results would differ (other model, steps, thresholds, ...; see ``run.json``), a folder without ``run.json``,
 a folder whose results were computed from other query texts, and a folder another run is writing into are
@@ -300,7 +301,7 @@ class AttributionWriter(BasePredictionWriter):
                 self._release()
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
-            raise RuntimeError(problem)
+            raise RunFolderError(problem)
 
     def _fingerprint(self, pl_module: pl.LightningModule, with_model: bool = False) -> dict[str, Any]:
         """This run's ``run.json`` settings; the model group (its identity) needs the loaded model."""
@@ -378,10 +379,19 @@ class AttributionWriter(BasePredictionWriter):
         """Merges all shards once every rank is done (idempotent); returns the merged records on rank 0."""
         if not self._finalized:
             trainer.strategy.barrier("knlight-writer-merge")
+            problem = None
             if trainer.is_global_zero:
-                self._merge(trainer.world_size)
-            trainer.strategy.barrier("knlight-writer-merged")
+                try:
+                    self._merge(trainer.world_size)
+                except RunFolderError as error:
+                    problem = str(error)
+                except (OSError, ValueError) as error:
+                    problem = f"cannot merge the results in {self.dir}: {type(error).__name__}: {error}"
+            # The broadcast is also the barrier: every rank waits for the merge, and learns if it failed.
+            problem = trainer.strategy.broadcast(problem)
             self._finalized = True
+            if problem is not None:
+                raise RunFolderError(problem)
         return self.records
 
     def _merge(self, world_size: int) -> None:
@@ -398,9 +408,9 @@ class AttributionWriter(BasePredictionWriter):
                 if self._attempt_of(shard) == self.attempt:
                     new_keys.add(key)
         order = sorted(seen)
-        write_lines_atomically(self.dir / MERGED, (seen[k] for k in order))
-        if self.save_scores:
+        if self.save_scores:  # first: if a scores file is damaged, the folder stays as it was
             self._merge_scores(shards, {tensor_key(k) for k in order})
+        write_lines_atomically(self.dir / MERGED, (seen[k] for k in order))
         self.records = [json.loads(seen[k]) for k in order]
         seconds = time.perf_counter() - self._started
         computed = len(new_keys - self.previously_done)

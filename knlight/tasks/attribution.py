@@ -162,7 +162,7 @@ class AttributionModule(BaseTask):
         """True when an earlier run already wrote this item from the same query and answer.
 
         Raises:
-            RuntimeError: When an earlier result of the item's key was computed from another query or answer
+            RunFolderError: When an earlier result of the item's key was computed from another query or answer
                 (the writer refuses such a folder before the run starts; this guards data it cannot list).
         """
         key = self.item_key(item)
@@ -170,7 +170,9 @@ class AttributionModule(BaseTask):
             return False
         recorded = self.done_inputs.get(key)
         if recorded is not None and recorded != self.input_hash(item):
-            raise RuntimeError(
+            from knlight.callbacks.run_folder import RunFolderError
+
+            raise RunFolderError(
                 f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r}: the "
                 f"output folder holds a result computed from another query or answer than {item['query']!r} -> "
                 f"{item['answer']!r}; resuming would mix results of different data. Write to another "
