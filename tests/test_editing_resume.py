@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_knlight_ddp
 from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
 from test_editing import UUIDS, fit_args, run_dir, table, write_neurons
@@ -181,6 +182,23 @@ def test_sequential_editing_resumes_into_the_second_group(tmp_path: Path) -> Non
     assert_same_edit(tmp_path / "killed", tmp_path / "whole")
 
 
+def test_a_crashed_single_process_run_resumes_under_ddp_with_the_same_global_batch(
+    tmp_path: Path, neurons: Path, uninterrupted: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(fit_args(tmp_path, neurons, *stop_args(tmp_path / "stopped", 13, "crash")))
+    # 2 processes × 2 rows = the same global batch of 4: the same settings, so the run resumes from step 10.
+    run_knlight_ddp(
+        fit_args(tmp_path, neurons, "--data.init_args.batch_size", "2"), cwd=tmp_path, timeout=300
+    )
+    assert versions(tmp_path) == ["version_0"]
+    info = json.loads((run_dir(tmp_path) / "editing_val.json").read_text("utf-8"))
+    assert info["world_size"] == 2 and info["global_step"] == 20
+    resumed, reference = (load_file(run_dir(r) / "edit.safetensors") for r in (tmp_path, uninterrupted))
+    for name in ("in_weight", "in_bias", "out_weight"):  # other reduction order: equal to float rounding
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # which run resumes
 
@@ -272,3 +290,46 @@ def test_the_edit_file_describes_its_optimizer_and_model(uninterrupted: Path) ->
     assert "0x" not in metadata["optimizer"]  # no memory addresses
     base = json.loads(metadata["base_model"])
     assert base["name"] == "tiny:gpt2" and base["dtype"] == "float32" and len(base["sketch"]) == 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic writers
+
+
+def test_editing_tables_survive_a_full_disk(tmp_path: Path) -> None:
+    from knlight.metrics.editing import write_table
+
+    row = {
+        "method": "edited",
+        "role": "reliability",
+        "measure": "rank",
+        "language": "en",
+        "value": 1.0,
+        "count": 2,
+    }
+    umask = os.umask(0o022)
+    try:
+        write_table([row], tmp_path, "editing_val", {"stage": "val"})
+    finally:
+        os.umask(umask)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["editing_val.csv", "editing_val.json"]
+    assert all((tmp_path / name).stat().st_mode & 0o777 == 0o644 for name in before)
+    # A full disk, for real: the file size limit of a child process (writes past it fail with EFBIG).
+    script = (
+        "import errno, resource, signal, sys\n"
+        "from knlight.metrics.editing import write_table\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        f"rows = [{row!r}] * 1000\n"
+        "try:\n"
+        "    write_table(rows, sys.argv[1], 'editing_val', {'stage': 'val'})\n"
+        "except OSError as error:\n"
+        "    sys.exit(0 if error.errno == errno.EFBIG else 1)\n"
+        "sys.exit(2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # intact, no temporary file left

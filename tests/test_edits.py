@@ -231,3 +231,100 @@ def test_module_apply_with_a_function_still_works() -> None:
     seen: list[str] = []
     torch.nn.Sequential(edit).apply(lambda m: seen.append(type(m).__name__))  # as parents call it
     assert seen == ["NeuronEdit", "Sequential"] and not edit.attached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# which model an edit was made on; unreadable files; atomic saves
+
+
+def test_base_identity_tells_the_same_weights_from_other_ones(arch: str) -> None:
+    lm = load_lm(f"tiny:{arch}")
+    edit = NeuronEdit.for_model(lm, NEURONS, {"model": f"tiny:{arch}"})
+    made_on = edit.metadata["base_model"]
+    assert made_on["name"] == f"tiny:{arch}" and len(made_on["sketch"]) == 8 and made_on["norm"] > 0
+    assert edit.base_identity(load_lm(f"tiny:{arch}"), f"tiny:{arch}") == made_on  # deterministic
+    edit.check_base(load_lm(f"tiny:{arch}", dtype="bf16"))  # the same weights in another dtype pass
+    with pytest.raises(NeuronEditError, match="other base weights at the edited neurons"):
+        edit.check_base(load_lm(f"tiny:{arch}:1"))
+
+
+def test_an_edit_made_on_another_model_of_the_same_shape_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = load_lm("tiny:gpt2:7")
+    path = NeuronEdit.for_model(other, NEURONS, {"model": "tiny:gpt2:7"}).save(tmp_path / "edit.safetensors")
+    lm = load_lm("tiny:gpt2")  # same shape, other weights
+    with pytest.raises(NeuronEditError) as error:
+        NeuronEdit.load(path, lm, model_name="tiny:gpt2")
+    message = str(error.value)
+    assert str(path) in message and "'tiny:gpt2:7'" in message and "'tiny:gpt2')" in message
+    assert "allow_other_model" in message and "model.init_args.allow_other_model: true" in message
+    with caplog.at_level("WARNING", logger="knlight.neurons.edits"):
+        forced = NeuronEdit.load(path, lm, model_name="tiny:gpt2", allow_other_model=True)
+    assert forced.neurons == sorted(NEURONS) and "applying it anyway" in caplog.text
+    NeuronEdit.load(path, load_lm("tiny:gpt2:7"), model_name="renamed copy")  # same weights, other name: fine
+
+    from knlight.data.records import read_records
+    from knlight.tasks.editing import EditingModule
+
+    module = EditingModule("tiny:gpt2", neuron_rule="ffn", layers=[2], load_edit=str(path))
+    module.use_records(read_records(str(Path(__file__).parent / "fixtures" / "rml_small.jsonl")))
+    with pytest.raises(
+        NeuronEditError, match="made on model 'tiny:gpt2:7', but this model \\('tiny:gpt2'\\)"
+    ):
+        module.configure_model()
+
+    legacy = NeuronEdit.for_model(lm, NEURONS)
+    del legacy.metadata["base_model"]  # as files written before edits recorded their model
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="knlight.neurons.edits"):
+        NeuronEdit.load(legacy.save(tmp_path / "legacy.safetensors"), other)
+    assert "does not record the model it was made on" in caplog.text
+
+
+def test_truncated_or_corrupt_edit_files_get_an_error_naming_the_file(tmp_path: Path) -> None:
+    lm = load_lm("tiny:gpt2")
+    whole = NeuronEdit.for_model(lm, NEURONS).save(tmp_path / "edit.safetensors").read_bytes()
+    damaged = {"truncated": whole[: len(whole) // 2], "header only": whole[:100], "empty": b"",
+               "not safetensors": b"PK\x03\x04 a zip, not an edit"}  # fmt: skip
+    for kind, content in damaged.items():
+        path = tmp_path / f"{kind}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(NeuronEditError, match="truncated or corrupt") as error:
+            NeuronEdit.load(path, lm)
+        assert str(path) in str(error.value) and "re-create it with `knlight fit`" in str(error.value), kind
+
+
+def test_save_is_atomic_with_normal_permissions(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    lm = load_lm("tiny:gpt2")
+    umask = os.umask(0o022)
+    try:
+        path = NeuronEdit.for_model(lm, NEURONS).save(tmp_path / "edit.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    before = path.read_bytes()
+    # A full disk, for real: the file size limit of a child process (writes past it fail with EFBIG).
+    script = (
+        "import resource, signal, sys\n"
+        "from knlight import load_lm\n"
+        "from knlight.neurons.edits import NeuronEdit\n"
+        "edit = NeuronEdit.for_model(load_lm('tiny:gpt2'), [(l, i) for l in range(3) for i in range(64)])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (len(open(sys.argv[1], 'rb').read()),) * 2)\n"
+        "try:\n"
+        "    edit.save(sys.argv[1])\n"
+        "except OSError as error:\n"
+        "    sys.exit(0 if 'File too large' in str(error) and sys.argv[1] in str(error) else 1)\n"
+        "sys.exit(2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert path.read_bytes() == before  # the previous edit is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.safetensors"]  # no temporary file left

@@ -497,7 +497,11 @@ class NeuronEdit(nn.Module):
 
         Returns:
             The path written.
+
+        Raises:
+            OSError: The file could not be written (e.g. a full disk); ``path`` is as it was.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -512,7 +516,12 @@ class NeuronEdit(nn.Module):
         }
         strings = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in info.items()}
         tensors = self.tensors()
-        write_atomically(path, lambda target: save_file(tensors, target, metadata=strings))
+        try:
+            write_atomically(path, lambda target: save_file(tensors, target, metadata=strings))
+        except SafetensorError as error:  # e.g. a full disk, reported by safetensors' own writer
+            raise OSError(
+                f"{path}: could not write the edit ({error}); the previous file is untouched"
+            ) from None
         return path
 
     @classmethod
