@@ -337,3 +337,50 @@ def test_fixture_is_reproduced_by_the_documented_command(tmp_path: Path) -> None
     arguments = [str(MPARAREL) if arg == "../shared/data/mpararel" else arg for arg in arguments]
     assert main(arguments) == 0
     assert (tmp_path / "again.jsonl").read_text(encoding="utf-8") == FIXTURE.read_text(encoding="utf-8")
+
+
+def _readme_number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_the_readme_mpararel_figures_are_what_the_build_gives() -> None:
+    """The default mParaRel build quoted in the README (facts, relations, queries, per-language table, the
+    causal variant) is recomputed from ../shared/data; README and data cannot drift apart."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    summary = re.search(
+        r"([\d,]+) facts\s+present in all (\d+) languages, (\d+) relations, ([\d,]+) queries", readme
+    )
+    assert summary, "the README quotes the default mParaRel build"
+    facts, n_languages, relations, queries = (_readme_number(g) for g in summary.groups())
+    command = readme[readme.rindex("knlight.data.build mpararel", 0, summary.start()) : summary.start()]
+    languages = re.search(r"--languages\s+([\w,-]+)", command)
+    assert languages
+    wanted = languages.group(1).split(",")
+    table = {
+        m.group(1): tuple(_readme_number(x) for x in m.groups()[1:])
+        for m in re.finditer(r"^\| ([a-z-]+) \| [^|]+ \| (\d+) \| (\d+) \| (\d+) \|", readme, re.MULTILINE)
+    }
+    assert set(table) == set(wanted) and len(wanted) == n_languages
+
+    records, manifest = build_mpararel(MPARAREL, BuildOptions(languages=wanted, model_kind="masked"))
+    assert len({r.uuid for r in records}) == facts
+    assert len({r.relation for r in records}) == relations
+    assert sum(len(r.queries) for r in records) == queries
+    per_language = manifest["report"]["per_language"]
+    for language, (patterns, n_facts, n_queries) in table.items():
+        mine = [r for r in records if r.language == language]
+        assert (per_language[language]["patterns.kept"], len(mine), sum(len(r.queries) for r in mine)) == (
+            patterns, n_facts, n_queries,
+        ), language  # fmt: skip
+
+    causal = re.search(r"--model_kind causal` \(slot after the subject\) (\d+) patterns are dropped: ([\d,]+) facts, "
+                       r"([\d,]+) queries", readme)  # fmt: skip
+    assert causal
+    dropped, causal_facts, causal_queries = (_readme_number(g) for g in causal.groups())
+    records, manifest = build_mpararel(MPARAREL, BuildOptions(languages=wanted, model_kind="causal"))
+    assert len({r.uuid for r in records}) == causal_facts
+    assert sum(len(r.queries) for r in records) == causal_queries
+    kept = sum(v["patterns.kept"] for v in manifest["report"]["per_language"].values())
+    assert sum(patterns for patterns, _, _ in table.values()) - kept == dropped
