@@ -374,15 +374,8 @@ def test_command_line_writes_the_file(tmp_path: Path) -> None:
     assert set(neurons.facts["F1"].language_independent) == {(1, 2), (0, 3)}
 
 
-def test_selection_with_dkn_runs_on_a_tiny_model(tmp_path: Path) -> None:
-    texts = ["The capital of France is [Y]", "France, capital [Y]", "Capital of France: [Y]"]
-    lines = [_line("F1", "en", q, n, texts[q]) for q, n in enumerate(F1_EN)]
-    run = predict_output(tmp_path / "attr", lines)
-    result = run_selection(str(run), None, model="tiny:gpt2", dkn=DknOptions(enabled=True, top_k=3))
-    assert (result.num_layers, result.d_ff) == (3, 64)
-    fact = result.facts["F1"]
-    top = {(1, 2), (0, 1), (0, 3)}
-    assert all(set(pair) <= top for pair in fact.degenerate_pairs)
+# The selection command's DKN search on a model with a known degenerate pair (a planted one, which it must
+# find) is tests/test_planted_loops.py::test_every_loop_runs_on_a_saved_plant.
 
 
 @pytest.mark.slow
