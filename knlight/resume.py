@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -43,7 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from knlight.data.errors import DataError
 from knlight.data.jsonio import read_json, write_text_atomically
-from knlight.errors import KnlightError
+from knlight.errors import ConfigError, KnlightError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 # Data settings that do not change the result: the global batch (recorded separately) does.
 _DATA_LAYOUT = ("batch_size", "num_workers")
 _VERSION = re.compile(r"version_(\d+)$")
+_WHOLE_FILE_LIMIT = 1 << 30
 _locks: list[IO[str]] = []
 
 
@@ -78,11 +80,14 @@ class FitCheckpoint(ModelCheckpoint):
 
     def __init__(self, every_n_train_steps: int = 50, resume: Literal["auto", "new"] = "auto") -> None:
         if every_n_train_steps < 1:
-            raise ValueError(
-                f"every_n_train_steps={every_n_train_steps}: give a positive number of steps between checkpoints"
+            raise ConfigError(
+                f"trainer.callbacks.init_args.every_n_train_steps={every_n_train_steps}: give a positive number "
+                "of optimizer steps between checkpoints"
             )
         if resume not in ("auto", "new"):
-            raise ValueError(f"resume={resume!r}: choose 'auto' (resume unfinished runs) or 'new'")
+            raise ConfigError(
+                f"trainer.callbacks.init_args.resume={resume!r}: choose auto (resume unfinished runs) or new"
+            )
         super().__init__(
             save_last=True,
             save_top_k=0,
@@ -142,7 +147,11 @@ def describe_callable(factory: Any) -> dict[str, Any]:
 
 
 def input_digest(path: Path) -> str:
-    """SHA-256 of a file's content (a folder: of its file names and sizes and its ``config.json``)."""
+    """SHA-256 of a file's content; of a folder (a model): its file names and sizes and its ``config.json``.
+
+    A file over 1 GiB (model weights, e.g. GGUF) is summarised by its size and its first and last MiB: reading
+    all of it would take longer than the settings check is worth.
+    """
     digest = hashlib.sha256()
     if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -150,7 +159,13 @@ def input_digest(path: Path) -> str:
         path = path / "config.json"
         if not path.is_file():
             return digest.hexdigest()
+    size = path.stat().st_size
     with open(path, "rb") as handle:
+        if size > _WHOLE_FILE_LIMIT:
+            digest.update(f"{size}\n".encode() + handle.read(1 << 20))
+            handle.seek(size - (1 << 20))
+            digest.update(handle.read())
+            return digest.hexdigest()
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -240,14 +255,14 @@ class _Runs:
             return self.fixed
         return self.root / (version if isinstance(version, str) else f"version_{version}")
 
-    def versions(self) -> list[int | str | None]:
+    def versions(self) -> Sequence[int | str | None]:
         """The run folders' versions, newest first."""
         if self.fixed is not None:
             return [self.fixed_version]
         if not self.root.is_dir():
             return []
         found = (_VERSION.match(p.name) for p in self.root.iterdir() if p.is_dir())
-        return sorted((int(m[1]) for m in found if m), reverse=True)  # type: ignore[return-value]
+        return sorted((int(m[1]) for m in found if m), reverse=True)
 
     def next_version(self) -> int | str | None:
         if self.fixed is not None:

@@ -18,6 +18,8 @@ Rows. The module turns the records of its datamodule (:class:`EditingDataModule`
   sequential editing), ``steps`` global batches, each a random subset (seeded) of the group's rows padded with
   weight-0 rows to ``batch_size × world_size``. Row weights make the loss the exact mean over each global
   batch, so a DDP run equals a single-process run with the same global batch (to float rounding).
+  Checkpoints (:class:`knlight.resume.FitCheckpoint`) hold the deltas, the optimizer and loop state, the
+  current group and where the schedule stands: a killed fit resumes exactly (:mod:`knlight.tasks.schedule`).
 * evaluation rows (validate and test, identical): every query of every edited fact in every language (roles
   ``reliability``, ``generality_lang``, ``generality_cross``) and every query of the held-out unrelated facts
   (``locality``); in ``enhance`` mode every query of every fact that has neurons (role ``facts``).
@@ -33,11 +35,10 @@ under ``no_grad``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,8 +54,9 @@ from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
 from knlight.neurons.prompts import EncodedQuery, QueryError
-from knlight.resume import describe_callable
+from knlight.resume import FitResumeError, describe_callable
 from knlight.tasks.base import BaseTask
+from knlight.tasks.schedule import ScheduleLoader, ScheduleSampler, schedule_digest
 
 log = logging.getLogger(__name__)
 
@@ -663,9 +665,10 @@ class EditingModule(BaseTask):
             schedule = self.schedule(getattr(data, "batch_size", 8) * world)
             self._schedule_digest = schedule_digest(schedule)
             if self._resumed_schedule not in (None, self._schedule_digest):
-                raise RuntimeError(
+                raise FitResumeError(
                     "the checkpoint this fit resumes from was trained on another schedule of rows (other "
-                    "data, requests or global batch); start a new run instead of resuming it"
+                    "data, requests or global batch); start a new run instead (--trainer.callbacks.init_args."
+                    "resume new)"
                 )
             return schedule
         rows = [dict(r, row_id=k) for k, r in enumerate(self.eval_rows)]
@@ -1042,61 +1045,6 @@ class EditingModule(BaseTask):
 
 _HEADLINE = (("reliability", "rank"), ("generality_cross", "rank"), ("locality", "top1"), ("facts", "rank"))
 CHECKPOINT_KEY = "knlight_editing"
-
-
-def schedule_digest(rows: Sequence[Row]) -> str:
-    """SHA-256 of a training schedule (a resumed fit must continue the schedule it was trained on)."""
-    return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
-
-
-class ScheduleSampler(DistributedSampler):
-    """This process's rows of the schedule in order, from batch ``skip_batches`` on.
-
-    The length stays the whole schedule's (Lightning counts the batches of a resumed epoch from where it
-    stopped); only the iteration skips the batches trained before the checkpoint. Global batch k is the rows
-    ``[k·B·W, (k+1)·B·W)`` (B rows per process, W processes), sharded in order: each process's k-th batch.
-    """
-
-    def __init__(self, dataset: ItemDataset, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.batch_size = batch_size
-        self.skip_batches = 0
-
-    def __iter__(self) -> Iterator[int]:
-        skip, self.skip_batches = self.skip_batches, 0  # only the resumed epoch starts late
-        return iter(list(super().__iter__())[skip * self.batch_size :])
-
-
-class ScheduleLoader(DataLoader):
-    """The training schedule's loader; resumable mid-epoch (Lightning's stateful-loader protocol).
-
-    Lightning stores :meth:`state_dict` in every checkpoint and, when a fit resumes, gives it back to
-    :meth:`load_state_dict` before iterating: the iteration then starts at the first batch not yet trained.
-
-    Args:
-        dataset: The schedule's rows.
-        sampler: Its :class:`ScheduleSampler`.
-        batches_done: Batches of the current epoch already trained (read when a checkpoint is saved).
-        **kwargs: Passed to :class:`~torch.utils.data.DataLoader`.
-    """
-
-    def __init__(
-        self, dataset: ItemDataset, sampler: ScheduleSampler, batches_done: Callable[[], int], **kwargs: Any
-    ) -> None:
-        super().__init__(dataset, sampler=sampler, **kwargs)
-        self.batches_done = batches_done
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": int(self.batches_done()), "rows": len(self.dataset)}  # type: ignore[arg-type]
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict.get("rows") != len(self.dataset):  # type: ignore[arg-type]
-            raise RuntimeError(
-                f"the checkpoint was saved with a schedule of {state_dict.get('rows')} rows, this run has "
-                f"{len(self.dataset)}; start a new run instead of resuming it"  # type: ignore[arg-type]
-            )
-        assert isinstance(self.sampler, ScheduleSampler)
-        self.sampler.skip_batches = int(state_dict["batches_done"])
 
 
 class EditingDataModule(RMLLamaDataModule):
