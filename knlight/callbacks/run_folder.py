@@ -40,9 +40,7 @@ SUMMARY = "summary.json"
 RUN = "run.json"
 LOCK = ".lock"
 SHARD = re.compile(r"^a(\d+)-r(\d+)-b(\d+)\.jsonl$")
-OUTPUT_DIR = (
-    "the AttributionWriter's output_dir (--trainer.callbacks.init_args.output_dir in the shipped configs)"
-)
+OUTPUT_DIR = "the AttributionWriter's output_dir, e.g. --trainer.callbacks.init_args.output_dir DIR"
 START_OVER = f"choose another output folder ({OUTPUT_DIR}), or delete the folder to start over"
 
 Key = tuple[Any, ...]
@@ -140,9 +138,9 @@ class FolderLock:
             os.close(descriptor)
             raise RunFolderError(
                 f"{self.folder} is in use by another knlight run ({_holder(self.path)}); two runs writing "
-                "into one folder would mix their results. Wait until that run has finished (then re-run this "
-                f"command: it resumes and skips what is done), or give this run another output folder "
-                f"({OUTPUT_DIR})"
+                "into one folder would mix their results. Wait until that run has finished and re-run this "
+                "command (with the same settings it resumes and skips what is done), or give this run another "
+                f"output folder ({OUTPUT_DIR})"
             ) from None
         except OSError as error:
             os.close(descriptor)
@@ -302,9 +300,9 @@ def read_done(folder: Path) -> dict[Key, DoneItem]:
                 key = (record["uuid"], record["language"], record["query_id"])
             except json.JSONDecodeError as error:
                 raise RunFolderError(
-                    f"cannot resume from {folder}: JSONDecodeError in {path}:{number} ({error.msg} at column "
-                    f"{error.colno}): the file is damaged (a full disk, or edited by hand); {remedy}, or "
-                    f"{START_OVER}"
+                    f"cannot resume from {folder}: JSONDecodeError in {path}:{number} "
+                    f"({error.msg.removesuffix(' at')} at column {error.colno}): the file is damaged (a full "
+                    f"disk, or edited by hand); {remedy}, or {START_OVER}"
                 ) from None
             except (KeyError, TypeError):
                 raise RunFolderError(
@@ -337,6 +335,8 @@ def check_inputs(
     Raises:
         RunFolderError: Naming the folder, how many items changed and one of them (stored vs current query).
     """
+    if not done:
+        return
     changed: list[tuple[Key, DoneItem, dict[str, Any]]] = []
     for item in items:
         stored = done.get(item_key(item))
