@@ -51,10 +51,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from knlight.data.datamodule import ItemDataset, RMLLamaDataModule, collate_items, record_items
 from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
+from knlight.fingerprint import describe_callable
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
 from knlight.neurons.prompts import EncodedQuery, QueryError
-from knlight.resume import FitResumeError, describe_callable
+from knlight.resume import FitResumeError
 from knlight.tasks.base import BaseTask
 from knlight.tasks.schedule import ScheduleLoader, ScheduleSampler, schedule_digest
 
