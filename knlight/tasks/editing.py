@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from knlight.data.datamodule import ItemDataset, RMLLamaDataModule, collate_items, record_items
 from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
+from knlight.editing import RowScore, row_measures
 from knlight.fingerprint import describe_callable
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
@@ -968,41 +969,10 @@ class EditingModule(BaseTask):
 
     def _update(self, method: str, row: Row, s: dict[str, Any], base: dict[str, Any]) -> None:
         assert self.metrics is not None
-        role, lang = row["role"], row["language"]
-        top1 = float(int(s["first"].argmax()) == s["first_token"])
-        rank = float(bool(s["lp_target"] > max(s["lp_comp"]))) if s["lp_comp"] else None
-        update = self.metrics.update
-        if role == "locality":
-            if method != "unedited":
-                update(
-                    method,
-                    role,
-                    "top1",
-                    lang,
-                    torch.tensor(float(int(s["first"].argmax()) == int(base["first"].argmax()))),
-                )
-                update(method, role, "kl", lang, (s["first"].exp() * (s["first"] - base["first"])).sum())
-            return
-        if role == "facts":
-            update(method, role, "top1", lang, torch.tensor(top1))
-            if rank is not None:
-                update(method, role, "rank", lang, torch.tensor(rank))
-                if method != "unedited":
-                    before = bool(base["lp_target"] > max(base["lp_comp"]))
-                    update(
-                        method,
-                        role,
-                        "fixed" if not before else "broken",
-                        lang,
-                        torch.tensor(float(rank == before)),
-                    )
-            return
-        for r in (role, "generality") if role.startswith("generality") else (role,):
-            update(method, r, "top1", lang, torch.tensor(top1))
-            update(method, r, "p_new", lang, s["lp_target"].exp())
-            if rank is not None:
-                update(method, r, "rank", lang, torch.tensor(rank))
-                update(method, r, "p_old", lang, s["lp_comp"][0].exp())
+        for role, measure, value in row_measures(
+            method, row["role"], cast(RowScore, s), cast(RowScore, base)
+        ):
+            self.metrics.update(method, role, measure, row["language"], value)
 
     def on_validation_epoch_end(self) -> None:
         self._finish("val")
