@@ -98,6 +98,8 @@ def quiet_upstream() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|lightning|torch)(\.|$)")
     logging.getLogger("transformers.utils.generic").setLevel(logging.ERROR)  # keyword deprecation notices
+    # knlight keeps the frozen language model in eval mode on purpose (no dropout while editing).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def main(args: ArgsType = None) -> None:
