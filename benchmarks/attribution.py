@@ -55,7 +55,7 @@ def build(model: str):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from knlight import LanguageModel
-    from knlight.tiny import TOKENIZER_KIND, tiny_config, tiny_tokenizer
+    from knlight.lm.tiny import TOKENIZER_KIND, tiny_config, tiny_tokenizer
 
     if model == "gemma":
         from knlight import load_lm

@@ -46,7 +46,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight import load_lm
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
-from knlight.neurons.prompts import QueryError
+from knlight.lm.prompts import QueryError
 from knlight.planted import PlantedModel, load_planted, plant, write_records
 from knlight.tasks.editing import EditingDataModule, EditingModule
 

@@ -14,3 +14,8 @@ class KnlightError(Exception):
 
 class ConfigError(KnlightError, ValueError):
     """A setting out of range or inconsistent with another; the message names the config key to change."""
+
+
+class DataError(KnlightError, ValueError):
+    """Bad input data or options of the data layer: the message says what is wrong, where (``file:line`` or the
+    option name) and what to do about it."""

@@ -42,10 +42,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import read_json, write_text_atomically
-from knlight.errors import ConfigError, KnlightError
+from knlight.errors import ConfigError, DataError, KnlightError
 from knlight.fingerprint import differences, fit_fingerprint
+from knlight.io import read_json, write_text_atomically
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import iter_jsonl, resolved_from
-from knlight.errors import KnlightError
+from knlight.errors import DataError, KnlightError
+from knlight.io import iter_jsonl, resolved_from
+from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.neurons.interventions import Neuron
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
-from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.neurons.selection import (
     adaptive_refine,
     coarse_mask,
@@ -326,8 +325,8 @@ class DenseScores:
 def model_dims(model: str, gguf_file: str | None = None) -> tuple[int, int]:
     """``(num_layers, d_ff)`` of a model from its config (tiny ones are built, real ones on ``meta``)."""
     from knlight.lm import load_lm
-    from knlight.neurons.sites import resolve_sites, spec_for
-    from knlight.real_models import NAMED_MODELS, model_folder
+    from knlight.lm.real import NAMED_MODELS, model_folder
+    from knlight.lm.sites import resolve_sites, spec_for
 
     if model.startswith("tiny:"):
         lm = load_lm(model)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from knlight import attribute_batch, load_lm
+from knlight.lm.hooks import capture_activations
 from knlight.neurons.attribution import Problems, baseline_sequences, quadrature
 from knlight.neurons.engines import ReferenceEngine
-from knlight.neurons.hooks import capture_activations
 
 
 @functools.cache

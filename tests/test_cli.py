@@ -12,8 +12,8 @@ import torch
 
 import knlight.tasks.attribution as attribution_task
 from knlight.cli import main
-from knlight.data.errors import DataError
-from knlight.neurons.prompts import QueryError
+from knlight.errors import DataError
+from knlight.lm.prompts import QueryError
 from knlight.tasks import AttributionModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import pytest
 
 from knlight.data import FactRecord, read_manifest, read_records
 from knlight.data.build import build_mlama, build_mpararel, build_pararel, build_rml_precursor, main
-from knlight.data.jsonio import iter_jsonl
 from knlight.data.pipeline import BuildOptions
+from knlight.io import iter_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MPARAREL = SHARED_DATA / "mpararel"

@@ -9,6 +9,8 @@ import torch
 
 from knlight import load_lm
 from knlight.lm import LanguageModel
+from knlight.lm.hooks import edit_activations
+from knlight.lm.tiny import ARCHITECTURES, tiny_model_and_tokenizer
 from knlight.neurons.edits import (
     NeuronEdit,
     NeuronEditError,
@@ -17,8 +19,6 @@ from knlight.neurons.edits import (
     output_columns,
     scale_edit,
 )
-from knlight.neurons.hooks import edit_activations
-from knlight.tiny import ARCHITECTURES, tiny_model_and_tokenizer
 
 NEURONS = [(0, 3), (0, 17), (2, 5), (2, 40)]
 QUERIES = [("The capital of France is [Y].", "Paris"), ("Die Hauptstadt von Japan ist [Y].", "Tokio")]

@@ -226,7 +226,7 @@ def _tiny_claims():
 def test_logistic_detectors_are_fit_on_the_train_split_only(tested: Path) -> None:
     """The LR's standardisation is the train claims' feature statistics, computed here from plain activations."""
     from knlight import load_lm
-    from knlight.neurons.hooks import capture_activations
+    from knlight.lm.hooks import capture_activations
 
     doc = results(tested, "test")
     lm = load_lm("tiny:gpt2")

@@ -19,7 +19,7 @@ from knlight.factcheck.detectors import (
     readout,
     relation_sets,
 )
-from knlight.neurons.hooks import capture_activations
+from knlight.lm.hooks import capture_activations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

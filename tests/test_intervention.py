@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from knlight import load_lm
+from knlight.lm.hooks import edit_activations
 from knlight.metrics.intervention import (
     CLEAN,
     CROSS,
@@ -19,7 +20,6 @@ from knlight.metrics.intervention import (
     Vocabulary,
     summarise,
 )
-from knlight.neurons.hooks import edit_activations
 from knlight.neurons.interventions import (
     answer_log_probs,
     intervene,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from knlight.cli import main
-from knlight.neurons.hooks import capture_activations
+from knlight.lm.hooks import capture_activations
 from knlight.neurons.interventions import answer_log_probs
 from knlight.neurons.neuron_file import read_neuron_file
 from knlight.planted import PlantedModel, plant

@@ -25,7 +25,7 @@ from knlight import load_lm
 from knlight.callbacks.run_folder import RunFolderError
 from knlight.cli import main
 from knlight.data.datamodule import RMLLamaDataModule
-from knlight.data.errors import DataError
+from knlight.errors import DataError
 from knlight.select import SelectionError, UncertaintyOptions, run_selection
 from knlight.select import main as select_main
 from knlight.tasks import AttributionModule

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, MambaConfig
 
 from knlight import attribute, load_lm
-from knlight.neurons.hooks import capture_activations
-from knlight.neurons.prompts import QueryError
-from knlight.neurons.sites import UnsupportedModelError
-from knlight.tiny import ARCHITECTURES
+from knlight.lm.hooks import capture_activations
+from knlight.lm.prompts import QueryError
+from knlight.lm.sites import UnsupportedModelError
+from knlight.lm.tiny import ARCHITECTURES
 
 
 @functools.cache
@@ -108,7 +108,7 @@ def test_bad_queries_raise_clear_errors() -> None:
 
 def test_unsupported_architecture_names_the_registry() -> None:
     model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1))
-    with pytest.raises(UnsupportedModelError, match=r"knlight\.neurons\.sites\.REGISTRY"):
+    with pytest.raises(UnsupportedModelError, match=r"knlight\.lm\.sites\.REGISTRY"):
         load_lm(model, tiny("gpt2").tokenizer)
 
 
@@ -118,10 +118,10 @@ def test_tiny_tokenizers_are_identical_in_another_process() -> None:
     import subprocess
     import sys
 
-    from knlight.tiny import tiny_tokenizer
+    from knlight.lm.tiny import tiny_tokenizer
 
     code = (
-        "import hashlib\nfrom knlight.tiny import tiny_tokenizer\n"
+        "import hashlib\nfrom knlight.lm.tiny import tiny_tokenizer\n"
         "for k in ('wordpiece', 'unigram', 'bpe'):\n"
         "    print(hashlib.sha256(tiny_tokenizer(k).backend_tokenizer.to_str().encode()).hexdigest())"
     )

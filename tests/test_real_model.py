@@ -9,7 +9,7 @@ import torch
 from conftest import REQUIRE_ORACLES
 
 from knlight import attribute_batch, load_lm
-from knlight.real_models import is_available
+from knlight.lm.real import is_available
 
 pytestmark = [
     pytest.mark.real_model,

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from knlight.lm import LanguageModel
+from knlight.lm.prompts import EncodedQuery
 from knlight.neurons.neuron_file import read_neuron_file
-from knlight.neurons.prompts import EncodedQuery
 from knlight.neurons.selection import (
     adaptive_refine,
     coarse_mask,
@@ -82,10 +83,13 @@ def toy_lm(
     sites = SimpleNamespace(
         out_projs=[b.out for b in model.layers], head=nn.Identity(), logit_softcap=None, num_layers=num_layers
     )
-    return SimpleNamespace(
+    lm = SimpleNamespace(
         model=model, sites=sites, num_layers=num_layers, d_ff=d_ff, pad_token_id=vocab - 1,
         device=torch.device("cpu"), masked=True,
     )  # fmt: skip
+    # The shared forwards (padding, LM head) of a real LanguageModel, on the toy's attributes.
+    lm.pad, lm.head = MethodType(LanguageModel.pad, lm), MethodType(LanguageModel.head, lm)
+    return lm
 
 
 QUERY = EncodedQuery(input_ids=(1, 2, 3), targets=((2, 0),), words=())

@@ -19,8 +19,8 @@ from transformers import Cache
 
 from knlight import attribute_batch, load_lm
 from knlight.lm import LanguageModel
+from knlight.lm.upstream import TESTED_TRANSFORMERS, RowCache, UpstreamError, cache_parameter
 from knlight.neurons.interventions import intervene
-from knlight.neurons.upstream import TESTED_TRANSFORMERS, RowCache, UpstreamError, cache_parameter
 
 ITEMS = [("The capital of France is [Y].", "Paris"), ("Marie Curie was a [Y].", "physicist and chemist")]
 REPO = Path(__file__).resolve().parents[1]

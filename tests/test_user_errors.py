@@ -21,9 +21,9 @@ from knlight.data import DataError
 from knlight.data.datamodule import RMLLamaDataModule
 from knlight.errors import ConfigError, KnlightError
 from knlight.lm import ModelNotFoundError
+from knlight.lm.prompts import QueryError
 from knlight.metrics.factcheck import binary_metrics, results_table
 from knlight.neurons.neuron_file import read_neuron_file, write_neuron_file
-from knlight.neurons.prompts import QueryError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "rml_small.jsonl"
@@ -168,11 +168,11 @@ def test_the_command_prints_a_user_error_as_one_line(
 
 
 def test_every_user_error_class_is_a_knlight_error() -> None:
-    from knlight.data.errors import DataError as DataErr
+    from knlight.errors import DataError as DataErr
+    from knlight.lm.real import ModelNotAvailableError
+    from knlight.lm.sites import UnsupportedModelError
+    from knlight.lm.upstream import UpstreamError
     from knlight.neurons.neuron_file import NeuronFileError
-    from knlight.neurons.sites import UnsupportedModelError
-    from knlight.neurons.upstream import UpstreamError
-    from knlight.real_models import ModelNotAvailableError
 
     for error in (DataErr, QueryError, NeuronFileError, UnsupportedModelError, UpstreamError,
                   ModelNotAvailableError, ModelNotFoundError, ConfigError):  # fmt: skip

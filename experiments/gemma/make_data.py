@@ -27,7 +27,7 @@ import torch
 
 from knlight import load_lm
 from knlight.data.build import build_mpararel
-from knlight.data.jsonio import write_text_atomically
+from knlight.io import write_text_atomically
 from knlight.data.pipeline import BuildOptions
 from knlight.data.records import FactRecord, write_records
 

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import read_json, resolved_from
-from knlight.errors import KnlightError
+from knlight.errors import DataError, KnlightError
+from knlight.io import read_json, resolved_from
 
 log = logging.getLogger(__name__)
 

@@ -67,8 +67,8 @@ from knlight.callbacks.run_folder import (
     run_file_text,
     shard_files,
 )
-from knlight.data.errors import DataError
-from knlight.data.jsonio import write_atomically, write_text_atomically
+from knlight.errors import DataError
+from knlight.io import write_atomically, write_text_atomically
 from knlight.tasks.attribution import AttributionModule
 from knlight.tasks.base import BaseTask
 

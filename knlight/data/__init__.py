@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from knlight.data.errors import DataError
 from knlight.data.records import (
     SLOT,
     SUBJECT_SLOT,
@@ -20,6 +19,7 @@ from knlight.data.records import (
     write_records,
 )
 from knlight.data.splits import split_by_uuid
+from knlight.errors import DataError
 
 if TYPE_CHECKING:
     from knlight.data.datamodule import RMLLamaDataModule, collate_items

@@ -10,9 +10,9 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from knlight.data.errors import DataError
 from knlight.data.records import SLOT, FactRecord, read_records
 from knlight.data.splits import SPLIT_NAMES, first_by_hash, split_by_uuid
+from knlight.errors import DataError
 
 Item = dict[str, Any]
 """One query of one fact in one language: ``uuid``, ``language``, ``relation``, ``query_id``, ``query``,

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from knlight.data.errors import DataError
 from knlight.data.records import SLOT, SUBJECT_SLOT, FactRecord, query_problem, relation_sort_key
 from knlight.data.scripts import lacks_expected_script
 from knlight.data.splits import first_by_hash
+from knlight.errors import DataError
 
 logger = logging.getLogger(__name__)
 

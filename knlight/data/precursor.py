@@ -34,10 +34,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import iter_jsonl, read_json, require_dir
 from knlight.data.pipeline import BuildOptions, BuildReport, Draft, fill_label_keys, select_names
 from knlight.data.records import SLOT
+from knlight.errors import DataError
+from knlight.io import iter_jsonl, read_json, require_dir
 
 PRECURSOR_LAYOUT = (
     '<root>/Aligned_my_MLAMA/<lang>.json with {uuid: {"sentences", "relation_name", "obj_label"}}'

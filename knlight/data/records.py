@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import iter_jsonl, read_json, require_file, write_text_atomically
+from knlight.errors import DataError
+from knlight.io import iter_jsonl, read_json, require_file, write_text_atomically
 
 logger = logging.getLogger(__name__)
 

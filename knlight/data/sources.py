@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from knlight.data.errors import DataError
-from knlight.data.jsonio import iter_jsonl, require_dir, require_file
 from knlight.data.pipeline import (
     BuildOptions,
     BuildReport,
@@ -24,6 +22,8 @@ from knlight.data.pipeline import (
     template_problem,
 )
 from knlight.data.records import SLOT, SUBJECT_SLOT
+from knlight.errors import DataError
+from knlight.io import iter_jsonl, require_dir, require_file
 
 MPARAREL_LAYOUT = (
     "<root>/patterns/<lang>/<P>.jsonl and <root>/tuples/<lang>/<P>.jsonl (mParaRel reviewed release)"

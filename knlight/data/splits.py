@@ -7,8 +7,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from knlight.data.errors import DataError
 from knlight.data.records import FactRecord
+from knlight.errors import DataError
 
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
 

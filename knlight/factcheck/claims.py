@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from knlight.data.errors import DataError
 from knlight.data.records import SLOT, FactRecord
 from knlight.data.splits import SPLIT_NAMES, split_by_uuid
+from knlight.errors import DataError
 
 FALSE_CLAIM = 1
 """Label of a false claim: the positive class of every fact-checking metric."""

@@ -43,11 +43,11 @@ from typing import Any, Literal
 
 import torch
 
+from knlight.lm.hooks import edit_activations
+from knlight.lm.prompts import EncodedQuery
+from knlight.lm.upstream import last_hidden_state
 from knlight.neurons.attribution import attribute_batch
-from knlight.neurons.hooks import edit_activations
 from knlight.neurons.interventions import Neuron
-from knlight.neurons.prompts import EncodedQuery
-from knlight.neurons.upstream import last_hidden_state
 
 FEATURES: tuple[str, ...] = (
     "amig", "log_prob", "rank", "gxa_mean", "gxa_min", "gxa_max", "act_mean", "act_min", "act_max", "n_tokens",
@@ -197,15 +197,6 @@ class Readout:
     grad_x_act: torch.Tensor
 
 
-def _logits(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head (and Gemma's soft-cap) on final hidden states (base models apply the final norm)."""
-    logits = lm.sites.head(hidden)
-    softcap = getattr(lm.sites, "logit_softcap", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
-
-
 def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readout:
     """log P, rank, activations and gradient × activation of one encoded claim (one forward, no IG path).
 
@@ -243,7 +234,7 @@ def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readou
         for layer in layers:
             stack.enter_context(edit_activations(lm.sites.out_projs[layer], hook(layer)))
         hidden = last_hidden_state(lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)))
-        logits = _logits(lm, hidden[0, positions])
+        logits = lm.head(hidden[0, positions]).float()
         log_p = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
         for k, position in enumerate(positions.tolist()):
             if not neurons:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from knlight.data.jsonio import write_text_atomically
+from knlight.io import write_text_atomically
 
 
 class MeanCount(Metric):

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from knlight.neurons.prompts import EncodedQuery
+from knlight.lm.prompts import EncodedQuery
 
 Quadrature = Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"]
 Baseline = Literal["zero", "amig"]

@@ -41,10 +41,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from knlight.data.jsonio import write_atomically
 from knlight.errors import KnlightError
+from knlight.io import write_atomically
 from knlight.lm import LanguageModel
-from knlight.neurons.sites import NeuronSites, resolve_sites
+from knlight.lm.sites import NeuronSites, resolve_sites
 
 log = logging.getLogger(__name__)
 

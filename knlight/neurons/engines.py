@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from knlight.neurons.attribution import CleanPass, Problems, objective_value
-from knlight.neurons.hooks import capture_activations, edit_activations
-from knlight.neurons.upstream import (
+from knlight.lm.hooks import capture_activations, edit_activations
+from knlight.lm.upstream import (
     RecordingCache,
     RowCache,
     base_model_forward,
@@ -35,6 +34,7 @@ from knlight.neurons.upstream import (
     last_hidden_state,
     upstream_error,
 )
+from knlight.neurons.attribution import CleanPass, Problems, objective_value
 
 
 def make_engine(name: str, lm: Any, chunk_rows: int | None = None) -> ReferenceEngine | FastEngine:
@@ -157,12 +157,7 @@ class FastEngine:
     def _forward_clean(self, seqs: Sequence[Sequence[int]], keep_states: bool) -> tuple[torch.Tensor, dict]:
         lm = self.lm
         sites, device = lm.sites, lm.device
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), lm.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # right padding: exact for causal LMs, masked out for masked LMs
-            ids[r, : len(s)] = torch.tensor(list(s))
-            mask[r, : len(s)] = 1
+        ids, mask = lm.pad(seqs)
         store: dict[int, torch.Tensor] = {}
         calls: dict[int, _BlockCall] = {}
         # Causal LMs: a cache of knlight's own, found again in every block's call by type, whatever its keyword.
@@ -208,7 +203,7 @@ class FastEngine:
         with torch.no_grad():
             hidden = last_hidden[rows, pos]
             # base_model already applied the final norm; only the head remains.
-            log_probs = _gold_log_probs(self._logits(hidden, final_norm=False), tokens).cpu()
+            log_probs = _gold_log_probs(self.lm.head(hidden), tokens).cpu()
         acts_all = torch.stack([store[layer][rows, pos] for layer in range(sites.num_layers)], dim=1).cpu()
         counts = [len(tgt) for tgt in targets]
         if keep:
@@ -216,15 +211,6 @@ class FastEngine:
                 (int(r), int(p)): float(v) for r, p, v in zip(rows.tolist(), pos.tolist(), log_probs.tolist())
             }
         return CleanPass(list(acts_all.split(counts)), list(log_probs.split(counts)))
-
-    def _logits(self, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-        sites = self.lm.sites
-        if final_norm and sites.final_norm is not None:
-            hidden = sites.final_norm(hidden)
-        logits = sites.head(hidden)
-        if sites.logit_softcap:
-            logits = torch.tanh(logits / sites.logit_softcap) * sites.logit_softcap
-        return logits
 
     # -- sweep ----------------------------------------------------------------------------------------------
 
@@ -330,7 +316,9 @@ class FastEngine:
         assert hidden is not None
         take = torch.zeros(len(row_seq), dtype=torch.long) if causal else row_pos
         final = hidden[torch.arange(len(row_seq)), take.to(device)]
-        value = objective_value(_gold_log_probs(self._logits(final), row_tok.to(device)), objective)
+        value = objective_value(
+            _gold_log_probs(self.lm.head(final, final_norm=True), row_tok.to(device)), objective
+        )
         grads = torch.autograd.grad(value.sum(), leaves)
         grad = torch.cat(grads).float().cpu().reshape(len(chunk), m, -1)
         grad_sum = (node_w.float()[None, :, None] * grad).sum(1)
@@ -397,7 +385,7 @@ class _Rows:
 
     Everything comes from the tensors transformers itself built for the clean pass (masks with their sliding
     windows and padding, position ids and embeddings, ALiBi), read at each row's position: nothing is rebuilt
-    from config names. Shapes that do not fit raise :class:`~knlight.neurons.upstream.UpstreamError`.
+    from config names. Shapes that do not fit raise :class:`~knlight.lm.upstream.UpstreamError`.
     """
 
     def __init__(

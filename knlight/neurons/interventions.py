@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from knlight.neurons.hooks import edit_activations
-from knlight.neurons.prompts import EncodedQuery
-from knlight.neurons.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
+from knlight.lm.hooks import edit_activations
+from knlight.lm.prompts import EncodedQuery
+from knlight.lm.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
 
 Neuron = tuple[int, int]
 
@@ -176,12 +176,7 @@ def _forward_rows(
     lm: Any, rows: list[EncodedQuery], sets: list[list[Neuron]], factors: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = lm.device
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), lm.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, item in enumerate(rows):
-        ids[r, : len(item.input_ids)] = torch.tensor(item.input_ids)
-        mask[r, : len(item.input_ids)] = 1
+    ids, mask = lm.pad([item.input_ids for item in rows])
     with ExitStack() as stack:
         _scaling_hooks(stack, lm, rows, sets, factors, 0)
         hidden = last_hidden_state(
@@ -219,23 +214,13 @@ def _read_targets(
     row_idx = torch.tensor([r for r, item in enumerate(rows) for _ in item.targets], device=device)
     pos_idx = torch.tensor([p - offset for item in rows for p, _ in item.targets], device=device)
     tokens = torch.tensor([t for item in rows for _, t in item.targets], device=device)
-    logits = _head(lm, hidden[row_idx, pos_idx]).float()
+    logits = lm.head(hidden[row_idx, pos_idx]).float()
     gold = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].cpu()
     hit = (logits.argmax(-1) == tokens).cpu()
     counts = [len(item.targets) for item in rows]
     first = torch.tensor([0, *counts[:-1]]).cumsum(0)
     log_prob = torch.stack([part.sum() for part in gold.split(counts)])
     return log_prob, hit[first]
-
-
-def _head(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head (and Gemma's logit soft-cap) on final hidden states; base models already apply the norm."""
-    sites = lm.sites
-    logits = sites.head(hidden)
-    softcap = getattr(sites, "logit_softcap", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 def relative_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

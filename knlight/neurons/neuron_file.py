@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from knlight.data.jsonio import write_text_atomically
 from knlight.errors import KnlightError
+from knlight.io import write_text_atomically
 
 Neuron = tuple[int, int]
 FORMAT = "knlight-neurons/1"

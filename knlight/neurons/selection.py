@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from knlight.lm.prompts import EncodedQuery
 from knlight.neurons.interventions import Neuron, answer_log_probs, relative_change_from_log
-from knlight.neurons.prompts import EncodedQuery
 
 
 def coarse_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:

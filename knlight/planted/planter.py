@@ -49,11 +49,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from knlight.lm import LanguageModel
+from knlight.lm.prompts import EncodedQuery
+from knlight.lm.sites import NeuronSites
+from knlight.lm.tiny import tiny_config
 from knlight.neurons.interventions import answer_log_probs
-from knlight.neurons.prompts import EncodedQuery
-from knlight.neurons.sites import NeuronSites
 from knlight.planted.facts import FactSet, Slot, build_tokenizer, make_facts
-from knlight.tiny import tiny_config
 
 log = logging.getLogger(__name__)
 

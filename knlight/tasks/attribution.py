@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback
 
+from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.neurons.attribution import Attribution, attribute_batch
-from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.neurons.selection import coarse_mask, top_k_mask
 from knlight.tasks.base import BaseTask, ItemKey, short_hash
 

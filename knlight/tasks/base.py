@@ -32,8 +32,8 @@ def model_kind(model: str, gguf_file: str | None = None) -> str:
         ``"masked"`` or ``"causal"``.
     """
     from knlight.lm import load_config, model_source
-    from knlight.neurons.sites import spec_for
-    from knlight.real_models import NAMED_MODEL_TYPES
+    from knlight.lm.real import NAMED_MODEL_TYPES
+    from knlight.lm.sites import spec_for
 
     if model.startswith("tiny:"):
         model_source(model)  # a clear error for an unknown tiny architecture

@@ -53,9 +53,9 @@ from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.editing import RowScore, row_measures
 from knlight.fingerprint import describe_callable
+from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
-from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.resume import FitResumeError
 from knlight.tasks.base import BaseTask
 from knlight.tasks.schedule import ScheduleLoader, ScheduleSampler, schedule_digest
@@ -716,22 +716,6 @@ class EditingModule(BaseTask):
                 raise QueryError(f"query {query!r} with answer {answer!r}: {error}") from error
         return self._encoded[key]
 
-    def target_log_probs(self, encoded: Sequence[EncodedQuery]) -> list[torch.Tensor]:
-        """Per sequence, ``[answer tokens, vocab]`` log-probabilities at its target positions (one pass)."""
-        lm = self.lm
-        device = lm.device
-        width = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), width), lm.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, e in enumerate(encoded):
-            ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[r, : len(e.input_ids)] = 1
-        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        rows = torch.tensor([r for r, e in enumerate(encoded) for _ in e.targets], device=device)
-        pos = torch.tensor([p for e in encoded for p, _ in e.targets], device=device)
-        log_probs = torch.log_softmax(logits[rows, pos].float(), dim=-1)
-        return list(log_probs.split([len(e.targets) for e in encoded]))
-
     @staticmethod
     def answer_log_prob(log_probs: torch.Tensor, encoded: EncodedQuery) -> torch.Tensor:
         """log P(answer) = sum over its tokens (gold prefix teacher-forced)."""
@@ -748,7 +732,7 @@ class EditingModule(BaseTask):
         out: list[dict[str, Any]] = [{"lp_comp": [None] * len(row["competitors"])} for row in rows]
         for start in range(0, len(sequences), self.eval_chunk):
             chunk = sequences[start : start + self.eval_chunk]
-            for (r, c, encoded), log_probs in zip(chunk, self.target_log_probs([s[2] for s in chunk])):
+            for (r, c, encoded), log_probs in zip(chunk, self.lm.target_log_probs([s[2] for s in chunk])):
                 value = self.answer_log_prob(log_probs, encoded)
                 if c < 0:
                     out[r].update(lp_target=value, first=log_probs[0], first_token=encoded.targets[0][1])
@@ -794,12 +778,12 @@ class EditingModule(BaseTask):
         edit_encoded = [self.encode(r["query"], r["answer"]) for r in real]
         with_partner = [k for k, r in enumerate(real) if r["loc_query"] and self.locality_weight > 0]
         loc_encoded = [self.encode(real[k]["loc_query"], real[k]["loc_answer"]) for k in with_partner]
-        log_probs = self.target_log_probs(edit_encoded + loc_encoded)
+        log_probs = self.lm.target_log_probs(edit_encoded + loc_encoded)
         nll = -torch.stack([self.answer_log_prob(lp, e) for lp, e in zip(log_probs, edit_encoded)])
         kl = torch.zeros_like(nll)
         if loc_encoded:
             with torch.no_grad(), self.edit.disabled():
-                base = self.target_log_probs(loc_encoded)
+                base = self.lm.target_log_probs(loc_encoded)
             edited = log_probs[len(edit_encoded) :]
             per_row = torch.stack([(e.exp() * (e - b)).sum(-1).mean() for e, b in zip(edited, base)])
             kl = kl.index_put((torch.tensor(with_partner, device=self.device),), per_row)

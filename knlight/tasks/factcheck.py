@@ -38,10 +38,8 @@ import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from knlight.data.datamodule import RMLLamaDataModule
-from knlight.data.errors import DataError
-from knlight.data.jsonio import write_text_atomically
 from knlight.data.records import FactRecord
-from knlight.errors import ConfigError
+from knlight.errors import ConfigError, DataError
 from knlight.factcheck.claims import (
     FALSE_CLAIM,
     POSITIVE_CLASS,
@@ -62,10 +60,11 @@ from knlight.factcheck.detectors import (
     falseness,
     relation_sets,
 )
+from knlight.io import write_text_atomically
+from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.factcheck import ClaimScores, choose_threshold, curve_figures, flagged, results_table
 from knlight.neurons.attribution import attribute_batch
 from knlight.neurons.interventions import Neuron
-from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.neurons.selection import degenerate_neurons, mask_to_neurons, top_k_mask
 from knlight.tasks.base import BaseTask
 

@@ -37,8 +37,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback
 
-from knlight.data.jsonio import write_text_atomically
 from knlight.errors import ConfigError
+from knlight.io import write_text_atomically
+from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.intervention import (
     CLEAN,
     CROSS,
@@ -59,7 +60,6 @@ from knlight.metrics.intervention import (
 )
 from knlight.neurons.interventions import Neuron, intervene, random_like
 from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
-from knlight.neurons.prompts import EncodedQuery, QueryError
 from knlight.tasks.base import BaseTask, ItemKey
 
 log = logging.getLogger(__name__)

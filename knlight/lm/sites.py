@@ -108,7 +108,7 @@ def spec_for(model_type: str) -> ArchitectureSpec:
     known = sorted(t for spec in REGISTRY for t in spec.model_types)
     raise UnsupportedModelError(
         f"knlight does not know where the FFN neurons of model_type={model_type!r} are. Supported: "
-        f"{', '.join(known)}. To add it, append an ArchitectureSpec to knlight.neurons.sites.REGISTRY naming "
+        f"{', '.join(known)}. To add it, append an ArchitectureSpec to knlight.lm.sites.REGISTRY naming "
         "the block list, the FFN output projection (whose input is the neuron activation), the input "
         "projections, the final norm and the LM head."
     )
@@ -132,7 +132,7 @@ def _first(root: nn.Module, paths: Sequence[str], what: str, model_type: str) ->
     raise UnsupportedModelError(
         f"{type(root).__name__} (model_type={model_type!r}) has none of the {what} paths {list(paths)}; load it "
         "with an LM-head class (AutoModelForMaskedLM / AutoModelForCausalLM) or extend "
-        "knlight.neurons.sites.REGISTRY."
+        "knlight.lm.sites.REGISTRY."
     )
 
 

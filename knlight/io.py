@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from knlight.data.errors import DataError
+from knlight.errors import DataError
 
 
 def resolved_from(path: Path | str) -> str:

@@ -1,10 +1,12 @@
-"""Loading a language model and describing it for knowledge-neuron work."""
+"""Loading a language model: local folders and ``.gguf`` files, packaged real models, tiny random models, hub ids.
+
+A mistyped packaged or tiny name is an error with a suggestion, never a trip to the hub; a name nothing can
+load is one clear error. Pure torch + transformers.
+"""
 
 from __future__ import annotations
 
 import difflib
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,9 @@ from transformers import (
 )
 
 from knlight.errors import ConfigError, KnlightError
-from knlight.neurons.prompts import EncodedQuery, QueryError, encode_query
-from knlight.neurons.sites import NeuronSites, resolve_sites, spec_for
-from knlight.real_models import NAMED_MODELS, model_folder
-
-log = logging.getLogger(__name__)
+from knlight.lm.model import LanguageModel
+from knlight.lm.real import NAMED_MODELS, model_folder
+from knlight.lm.sites import spec_for
 
 _DTYPES = {
     "float64": torch.float64,
@@ -47,88 +47,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-@dataclass
-class LanguageModel:
-    """A Hugging Face LM-head model, its tokenizer and its resolved neuron sites.
-
-    The base weights are frozen (``requires_grad_(False)``): knlight never trains them; attribution takes
-    gradients with respect to activations only, and editing trains separate neuron deltas.
-    """
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    sites: NeuronSites = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.sites = resolve_sites(self.model)
-        if self.tokenizer.pad_token_id is None:
-            # Padding is always masked out; any id will do, EOS is the conventional choice.
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-
-    @property
-    def masked(self) -> bool:
-        """True for masked LMs (targets are mask positions), False for causal LMs."""
-        return self.sites.spec.masked
-
-    @property
-    def num_layers(self) -> int:
-        return self.sites.num_layers
-
-    @property
-    def d_ff(self) -> int:
-        return self.sites.d_ff
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def baseline_token_id(self) -> int:
-        """Token that replaces a word for the AMIG baseline: [MASK] (masked LMs) or EOS (causal LMs)."""
-        token = self.tokenizer.mask_token_id if self.masked else self.tokenizer.eos_token_id
-        if token is None:
-            raise ValueError(
-                f"tokenizer {type(self.tokenizer).__name__} has no {'mask' if self.masked else 'EOS'} token"
-            )
-        return int(token)
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)  # type: ignore[arg-type]
-
-    @property
-    def max_positions(self) -> int | None:
-        """Longest input the model's position embeddings allow (None when unbounded, e.g. ALiBi)."""
-        config = self.model.config
-        if config.model_type == "bloom":
-            return None
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if limit is None:
-            return None
-        if config.model_type in ("xlm-roberta", "roberta", "camembert"):
-            limit -= int(config.pad_token_id or 0) + 1  # RoBERTa positions start after the padding index
-        return int(limit)
-
-    def encode(self, query: str, answer: str) -> EncodedQuery:
-        """Encode a cloze query (object slot ``[Y]``) and its answer; see :func:`encode_query`.
-
-        Raises:
-            QueryError: Besides :func:`encode_query`'s errors, when the input is longer than the model allows.
-        """
-        encoded = encode_query(
-            self.tokenizer, query, answer, masked=self.masked, mask_token_id=self.tokenizer.mask_token_id
-        )
-        limit = self.max_positions
-        if limit is not None and len(encoded.input_ids) > limit:
-            raise QueryError(
-                f"query {query!r} with answer {answer!r} is {len(encoded.input_ids)} tokens long, but the model "
-                f"takes at most {limit} positions; shorten the query or leave the record out of the data"
-            )
-        return encoded
-
-
 class ModelNotFoundError(KnlightError, OSError):
     """A model name that is no local path, packaged model, tiny model or loadable hub id."""
 
@@ -136,7 +54,7 @@ class ModelNotFoundError(KnlightError, OSError):
 def model_source(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Where transformers loads ``name`` from: ``(folder or hub id, gguf file name or None)``.
 
-    A packaged name (:data:`knlight.real_models.NAMED_MODELS`) becomes its converted folder (converted on first
+    A packaged name (:data:`knlight.lm.real.NAMED_MODELS`) becomes its converted folder (converted on first
     use); a path ending in ``.gguf`` becomes its folder and file name. A name that is not a local path but
     nearly a packaged or tiny name (a typo) is an error instead of a trip to the hub.
 
@@ -146,7 +64,7 @@ def model_source(name: str, gguf_file: str | None = None) -> tuple[str, str | No
     if name in NAMED_MODELS:
         return str(model_folder(name)), gguf_file
     if name.startswith("tiny:"):
-        from knlight.tiny import ARCHITECTURES
+        from knlight.lm.tiny import ARCHITECTURES
 
         arch = name.split(":")[1]
         if arch not in ARCHITECTURES:
@@ -206,8 +124,8 @@ def load_lm(
 
     Args:
         model_or_name_or_path: A loaded Hugging Face LM-head model, a hub id (elsewhere; no hub here), a local
-            folder / ``.gguf`` file, a named packaged model (``"gemma3-270m"``, see :mod:`knlight.real_models`)
-            or ``"tiny:<model_type>"`` (a tiny random model, see :mod:`knlight.tiny`).
+            folder / ``.gguf`` file, a named packaged model (``"gemma3-270m"``, see :mod:`knlight.lm.real`)
+            or ``"tiny:<model_type>"`` (a tiny random model, see :mod:`knlight.lm.tiny`).
         tokenizer: Tokenizer, or where to load it from (default: same as the model).
         dtype: Weight/compute dtype (``"float32"`` default, ``"bf16"``, ``"fp16"``).
         device: Where to put the model (default: leave it where it is / CPU).
@@ -250,8 +168,8 @@ def load_lm(
 
 
 def _load_tiny(spec: str, dtype: torch.dtype | None) -> LanguageModel:
-    """``tiny:<model_type>[:seed]`` builds a tiny random model offline (see :mod:`knlight.tiny`)."""
-    from knlight.tiny import tiny_model_and_tokenizer
+    """``tiny:<model_type>[:seed]`` builds a tiny random model offline (see :mod:`knlight.lm.tiny`)."""
+    from knlight.lm.tiny import tiny_model_and_tokenizer
 
     parts = spec.split(":")
     model, tokenizer = tiny_model_and_tokenizer(parts[1], seed=int(parts[2]) if len(parts) > 2 else 0)
