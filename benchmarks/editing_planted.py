@@ -45,8 +45,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight import load_lm
-from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.lm.prompts import QueryError
+from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.planted import PlantedModel, load_planted, plant, write_records
 from knlight.tasks.editing import EditingDataModule, EditingModule
 

@@ -292,7 +292,7 @@ def _prepare(choice: _Choice, runs: _Runs, fingerprint: dict[str, Any]) -> _Choi
             choice.folder = runs.folder(choice.version)
     choice.folder.mkdir(parents=True, exist_ok=True)
     _lock(choice.folder)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     record = {"format": FORMAT, "fingerprint": fingerprint, "started": now, "resumed": []}
     if choice.resumed and (choice.folder / RECORD).is_file():
         record = read_json(choice.folder / RECORD)

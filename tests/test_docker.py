@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-
 import tomllib
+
 from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

@@ -512,7 +512,7 @@ class NeuronEdit(nn.Module):
             "format": FORMAT,
             "layers": self.layers,
             "num_neurons": len(self.neurons),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         strings = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in info.items()}
         tensors = self.tensors()
