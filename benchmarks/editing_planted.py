@@ -45,6 +45,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight import load_lm
+from knlight.editing.options import EditRequests, EditTraining
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import QueryError
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.planted import PlantedModel, load_planted, plant, write_records
@@ -94,17 +96,17 @@ def run_method(
 ) -> tuple[dict[str, Any], float]:
     """One ``fit`` of the editing module; returns the validation table (rows by name) and its seconds."""
     module = EditingModule(
-        model=str(folder / "model"),
+        LMOptions(str(folder / "model")),
         neurons=str(work / "neurons.json"),
         neuron_rule=rule,
-        edits=edits,
-        edit_languages=[language],
-        edit_queries=2,
-        steps=args.steps,
+        requests=EditRequests(edits=edits, edit_languages=[language], edit_queries=2),
+        training=EditTraining(
+            steps=args.steps,
+            locality_weight=args.locality_weight,
+            trainable=trainable,
+            in_lr_scale=in_lr_scale,
+        ),
         optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),
-        locality_weight=args.locality_weight,
-        trainable=trainable,
-        in_lr_scale=in_lr_scale,
         baselines=["direct"] if rule == "language_independent" else [],
         seed=0,
     )

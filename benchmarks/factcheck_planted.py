@@ -65,8 +65,8 @@ def run_module(folder: Path, out: Path, steps: int) -> dict[str, Any]:
     """``knlight test`` with the planted config on one plant; returns its ``results.json``."""
     knlight_main([
         "test", "--config", str(CONFIG),
-        "--model.init_args.model", str(folder / "model"),
-        "--model.init_args.steps", str(steps),
+        "--model.init_args.lm.model", str(folder / "model"),
+        "--model.init_args.ig.steps", str(steps),
         "--model.init_args.output_dir", str(out),
         "--data.init_args.path", str(folder / "records.jsonl"),
         "--data.init_args.split_fractions", json.dumps(list(SPLIT)),

@@ -10,20 +10,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Attribution", "LanguageModel", "attribute", "attribute_batch", "load_lm", "quadrature"]
+__all__ = [
+    "Attribution",
+    "IGOptions",
+    "LMOptions",
+    "LanguageModel",
+    "attribute",
+    "attribute_batch",
+    "load_lm",
+    "quadrature",
+]
 
 _LAZY = {
     "Attribution": "knlight.neurons.attribution",
     "attribute": "knlight.neurons.attribution",
     "attribute_batch": "knlight.neurons.attribution",
-    "quadrature": "knlight.neurons.attribution",
+    "IGOptions": "knlight.neurons.ig",
+    "LMOptions": "knlight.lm.options",
+    "quadrature": "knlight.neurons.ig",
     "LanguageModel": "knlight.lm",
     "load_lm": "knlight.lm",
 }
 
 if TYPE_CHECKING:
     from knlight.lm import LanguageModel, load_lm
-    from knlight.neurons.attribution import Attribution, attribute, attribute_batch, quadrature
+    from knlight.lm.options import LMOptions
+    from knlight.neurons.attribution import Attribution, attribute, attribute_batch
+    from knlight.neurons.ig import IGOptions, quadrature
 
 
 def __getattr__(name: str) -> Any:

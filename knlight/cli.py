@@ -131,6 +131,10 @@ def console_main(args: ArgsType = None) -> None:
 
 
 def _run(args: ArgsType) -> None:
+    from jsonargparse import set_parsing_settings
+
+    # Option dataclasses document their fields with attribute docstrings: --help and --print_config show them.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     KnlightCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,

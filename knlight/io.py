@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -173,3 +174,9 @@ def write_text_atomically(path: Path, text: str) -> None:
             handle.write(text)
 
     write_atomically(path, write)
+
+
+def short_hash(value: Any) -> str:
+    """16 hex digits of the SHA-256 of a JSON-serialisable value (canonical JSON: sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

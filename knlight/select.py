@@ -145,7 +145,7 @@ class DknOptions:
         t_high: A pair (set) is degenerate when suppressing it drops P(answer) by more than this.
         grow: Also search sets of 3..``max_set_size`` among candidates not in any pair.
         max_set_size: Largest set the greedy growth builds.
-        batch_rows: Rows (query × neuron set) per forward.
+        chunk_rows: Rows (query × neuron set) per forward.
     """
 
     enabled: bool = False
@@ -154,7 +154,7 @@ class DknOptions:
     t_high: float = 0.25
     grow: bool = True
     max_set_size: int = 4
-    batch_rows: int = 256
+    chunk_rows: int = 256
 
 
 @dataclass
@@ -597,7 +597,7 @@ def _degenerate(
         options.t_high,
         options.grow,
         options.max_set_size,
-        options.batch_rows,
+        options.chunk_rows,
     )
     fact.degenerate_pairs = list(result.pairs)
     fact.degenerate_sets = [list(s) for s in result.sets]

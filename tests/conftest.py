@@ -42,7 +42,7 @@ def small_overrides(root: Path) -> list[str]:
         "--data.init_args.path", str(FIXTURE),
         "--data.init_args.max_facts", "1",
         "--data.init_args.batch_size", "4",
-        "--model.init_args.steps", "4",
+        "--model.init_args.ig.steps", "4",
     ]  # fmt: skip
 
 

@@ -16,8 +16,9 @@ import torch
 
 from knlight import attribute_batch, load_lm
 from knlight.lm.hooks import capture_activations
-from knlight.neurons.attribution import Problems, baseline_sequences, quadrature
+from knlight.neurons.attribution import baseline_sequences
 from knlight.neurons.engines import ReferenceEngine
+from knlight.neurons.ig import Problems, quadrature
 
 
 @functools.cache

@@ -11,8 +11,8 @@ from conftest import oracle
 from knlight import attribute, attribute_batch, load_lm
 from knlight.lm.hooks import edit_activations
 from knlight.lm.tiny import ARCHITECTURES
-from knlight.neurons.attribution import QUADRATURES, Problems, quadrature
 from knlight.neurons.engines import ReferenceEngine
+from knlight.neurons.ig import QUADRATURES, Problems, quadrature
 
 # Different lengths (padding in the fast engine's batch), a non-Latin script and multi-token answers.
 ITEMS = [

@@ -13,7 +13,9 @@ import torch
 import knlight.tasks.attribution as attribution_task
 from knlight.cli import main
 from knlight.errors import DataError
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import QueryError
+from knlight.neurons.ig import IGOptions
 from knlight.tasks import AttributionModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +28,7 @@ def item(query: str, answer: str = "Paris", query_id: int = 0, uuid: str = "P36:
 
 @pytest.fixture(scope="module")
 def gpt2_task() -> AttributionModule:
-    task = AttributionModule("tiny:gpt2", steps=2)
+    task = AttributionModule(LMOptions("tiny:gpt2"), IGOptions(steps=2))
     task.configure_model()
     return task
 
@@ -70,7 +72,7 @@ def test_query_error_names_the_item(gpt2_task: AttributionModule) -> None:
 
 
 def test_answer_that_tokenises_to_nothing_names_the_item() -> None:
-    task = AttributionModule("tiny:bert", steps=2)
+    task = AttributionModule(LMOptions("tiny:bert"), IGOptions(steps=2))
     task.configure_model()
     with pytest.raises(QueryError, match=r"uuid='P36:Q142:Q90'.*tokenises to nothing"):
         task.predict_step([item("The capital of France is [Y].", answer="\u200b")])
@@ -78,7 +80,7 @@ def test_answer_that_tokenises_to_nothing_names_the_item() -> None:
 
 def test_out_of_range_threshold_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match=r"threshold for 'zh-hans' must be in \[0, 1\].*got 2"):
-        AttributionModule("tiny:gpt2", language_thresholds={"en": 0.3, "zh-hans": 2.0})
+        AttributionModule(LMOptions("tiny:gpt2"), language_thresholds={"en": 0.3, "zh-hans": 2.0})
 
 
 def test_predict_under_inference_mode_says_how_to_fix(gpt2_task: AttributionModule) -> None:
@@ -154,7 +156,7 @@ def test_masked_model_gets_model_kind_through_the_link(tmp_path: Path, tiny_args
     main(
         [
             *tiny_args(tmp_path),
-            "--model.init_args.model",
+            "--model.init_args.lm.model",
             "tiny:bert",
             "--data.init_args.languages",
             "[zh-hans]",

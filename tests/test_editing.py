@@ -12,6 +12,8 @@ import torch
 from knlight import load_lm
 from knlight.cli import main
 from knlight.data.records import read_records
+from knlight.editing.options import EditRequests, EditTraining
+from knlight.lm.options import LMOptions
 from knlight.neurons.edits import NeuronEdit
 from knlight.tasks.editing import EditingModule, parse_rule, rule_neurons
 
@@ -61,7 +63,7 @@ def fit_args(root: Path, neuron_file: Path, *extra: str, command: str = "fit") -
         "--model.init_args.neurons", str(neuron_file),
         "--model.init_args.neuron_rule", "language_independent",
         "--model.init_args.layers", "null",
-        "--model.init_args.steps", "20",
+        "--model.init_args.training.steps", "20",
         *extra,
     ]  # fmt: skip
 
@@ -75,10 +77,22 @@ def table(path: Path) -> dict[tuple[str, str, str, str], float]:
     return {(r["method"], r["role"], r["measure"], r["language"]): r["value"] for r in rows}
 
 
+REQUESTS = ("edits", "edit_languages", "edit_queries", "max_edits", "edits_per_group")
+TRAINING = ("steps", "trainable", "in_lr_scale", "locality_weight")
+
+
+def editing_module(**kwargs) -> EditingModule:
+    """``EditingModule`` on tiny:gpt2 from flat keyword arguments (grouped into its option blocks here)."""
+    requests = {k: kwargs.pop(k) for k in REQUESTS if k in kwargs}
+    training = {k: kwargs.pop(k) for k in TRAINING if k in kwargs}
+    return EditingModule(LMOptions("tiny:gpt2"), requests=EditRequests(**requests), training=EditTraining(**training),
+                         **kwargs)  # fmt: skip
+
+
 def planned(neuron_file: Path | None, **kwargs) -> EditingModule:
     """A module planned on the fixture without a Trainer."""
     kwargs.setdefault("neurons", None if neuron_file is None else str(neuron_file))
-    module = EditingModule("tiny:gpt2", **kwargs)
+    module = editing_module(**kwargs)
     module.use_records(read_records(str(FIXTURE)))
     module.configure_model()
     return module
@@ -237,8 +251,8 @@ def test_sequential_editing_leaves_other_groups_exactly_alone(tmp_path: Path) ->
             self.seen.append((batch[0]["group"], state))
 
     neurons = write_neurons(tmp_path / "disjoint.json", DISJOINT)
-    module = EditingModule(
-        "tiny:gpt2", neurons=str(neurons), edits=[{"uuid": UUIDS[0]}, {"uuid": UUIDS[1]}], edits_per_group=1,
+    module = editing_module(
+        neurons=str(neurons), edits=[{"uuid": UUIDS[0]}, {"uuid": UUIDS[1]}], edits_per_group=1,
         steps=4, optimizer=lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),  # decay must not leak
     )  # fmt: skip
     record = Record()
@@ -292,8 +306,9 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for option in (
         "--model.neuron_rule",
-        "--model.edits_per_group",
-        "--model.locality_weight",
+        "--model.requests.edits_per_group",
+        "--model.training.locality_weight",
+        "--model.lm.model",
         "--model.optimizer",
     ):
         assert option in text
@@ -306,11 +321,11 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_input_gets_clear_errors(neurons: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neuron_rule='lang': choose"):
-        EditingModule("tiny:gpt2", neurons=str(neurons), neuron_rule="lang")
+        editing_module(neurons=str(neurons), neuron_rule="lang")
     with pytest.raises(ValueError, match="neurons: give a neuron file"):
-        EditingModule("tiny:gpt2")
+        editing_module()
     with pytest.raises(ValueError, match=r"baselines \['dirct'\]"):
-        EditingModule("tiny:gpt2", neurons=str(neurons), baselines=["dirct"])
+        editing_module(neurons=str(neurons), baselines=["dirct"])
     with pytest.raises(ValueError, match="uuid 'P99:nope': no such fact"):
         planned(neurons, edits=[{"uuid": "P99:nope"}])
     with pytest.raises(ValueError, match=r"edit_languages \['fr'\] are not in the data"):

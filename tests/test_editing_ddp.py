@@ -17,7 +17,7 @@ def test_ddp_fit_equals_single_process(tmp_path: Path) -> None:
     neurons = write_neurons(tmp_path / "neurons.json")
     # Minibatches: 2 facts × 2 edit queries = 4 edit rows, global batch 2 (1 per process): every step sees a
     # different seeded subset, so this also checks that both runs lay out and shard the schedule alike.
-    common = ("--model.init_args.edit_queries", "2", "--model.init_args.steps", "6")
+    common = ("--model.init_args.requests.edit_queries", "2", "--model.init_args.training.steps", "6")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each DDP worker below
     try:

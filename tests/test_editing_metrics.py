@@ -206,9 +206,12 @@ def test_no_op_edit_and_the_training_free_baselines_by_hand(tmp_path: Path) -> N
 
 
 def test_the_optimizer_only_sees_the_deltas() -> None:
+    from knlight.editing.options import EditTraining
+    from knlight.lm.options import LMOptions
     from knlight.tasks.editing import EditingModule
 
-    module = EditingModule("tiny:gpt2", neurons=None, neuron_rule="ffn", layers=[1], in_lr_scale=0.25,
+    module = EditingModule(LMOptions("tiny:gpt2"), neurons=None, neuron_rule="ffn", layers=[1],
+                           training=EditTraining(in_lr_scale=0.25),
                            optimizer=lambda params: torch.optim.SGD(params, lr=0.5))  # fmt: skip
     module.use_records(read_records(str(FIXTURE)))
     module.configure_model()

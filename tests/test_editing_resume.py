@@ -168,8 +168,9 @@ def test_ckpt_path_last_resumes_the_killed_run_in_its_folder(
 
 def test_sequential_editing_resumes_into_the_second_group(tmp_path: Path) -> None:
     neurons = write_neurons(tmp_path / "sequential.json", SEQUENTIAL)
-    sequential = ("--model.init_args.edits", json.dumps([{"uuid": u} for u in SEQUENTIAL]),
-                  "--model.init_args.edits_per_group", "1", "--model.init_args.steps", "10")  # fmt: skip
+    sequential = ("--model.init_args.requests.edits", json.dumps([{"uuid": u} for u in SEQUENTIAL]),
+                  "--model.init_args.requests.edits_per_group", "1",
+                  "--model.init_args.training.steps", "10")  # fmt: skip
     main(fit_args(tmp_path / "whole", neurons, *sequential))
     args = fit_args(tmp_path / "killed", neurons, *sequential, *stop_args(tmp_path / "stopped", 12))
     kill_at_marker(knlight_process(args, tmp_path), tmp_path / "stopped")
@@ -212,13 +213,18 @@ def test_other_settings_are_refused_new_runs_start_beside_and_finished_runs_are_
     assert checkpoint(tmp_path)["global_step"] == 10
 
     with pytest.raises(FitResumeError, match=r"other settings \(model\.steps: 20 -> 30.*resume new") as error:
-        main(fit_args(tmp_path, neurons, "--model.init_args.steps", "30"))
+        main(fit_args(tmp_path, neurons, "--model.init_args.training.steps", "30"))
     assert str(run_dir(tmp_path) / "fit.json") in str(error.value)
     assert versions(tmp_path) == ["version_0"]
 
     main(
         fit_args(
-            tmp_path, neurons, "--model.init_args.steps", "30", "--trainer.callbacks.init_args.resume", "new"
+            tmp_path,
+            neurons,
+            "--model.init_args.training.steps",
+            "30",
+            "--trainer.callbacks.init_args.resume",
+            "new",
         )
     )
     assert versions(tmp_path) == ["version_0", "version_1"]

@@ -265,9 +265,10 @@ def test_an_edit_made_on_another_model_of_the_same_shape_is_refused(
     NeuronEdit.load(path, load_lm("tiny:gpt2:7"), model_name="renamed copy")  # same weights, other name: fine
 
     from knlight.data.records import read_records
+    from knlight.lm.options import LMOptions
     from knlight.tasks.editing import EditingModule
 
-    module = EditingModule("tiny:gpt2", neuron_rule="ffn", layers=[2], load_edit=str(path))
+    module = EditingModule(LMOptions("tiny:gpt2"), neuron_rule="ffn", layers=[2], load_edit=str(path))
     module.use_records(read_records(str(Path(__file__).parent / "fixtures" / "rml_small.jsonl")))
     with pytest.raises(
         NeuronEditError, match="made on model 'tiny:gpt2:7', but this model \\('tiny:gpt2'\\)"

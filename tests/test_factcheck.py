@@ -12,6 +12,7 @@ import torch
 from knlight.cli import main
 from knlight.factcheck.claims import FALSE_CLAIM, TRUE_CLAIM, Claim
 from knlight.factcheck.detectors import COLUMN, DETECTORS, FEATURES
+from knlight.lm.options import LMOptions
 from knlight.metrics.factcheck import binary_metrics, choose_threshold
 from knlight.tasks.factcheck import FactCheckModule
 
@@ -169,7 +170,7 @@ def test_given_thresholds_are_used_as_is(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_masked_model_runs(tmp_path: Path) -> None:
-    main(args("test", tmp_path, "--model.init_args.model", "tiny:bert", "--model.init_args.detectors",
+    main(args("test", tmp_path, "--model.init_args.lm.model", "tiny:bert", "--model.init_args.detectors",
               "[amig,prob,fast]"))  # fmt: skip
     doc = results(tmp_path, "test")
     assert doc["counts"]["claims"] == 9 and doc["settings"]["model"] == "tiny:bert"
@@ -178,11 +179,11 @@ def test_masked_model_runs(tmp_path: Path) -> None:
 
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="detectors"):
-        FactCheckModule("tiny:gpt2", detectors=["oracle"])  # type: ignore[list-item]
+        FactCheckModule(LMOptions("tiny:gpt2"), detectors=["oracle"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="t must be in"):
-        FactCheckModule("tiny:gpt2", t=1.5)
+        FactCheckModule(LMOptions("tiny:gpt2"), t=1.5)
     with pytest.raises(ValueError, match="thresholds for unknown"):
-        FactCheckModule("tiny:gpt2", thresholds={"oracle": 0.0})
+        FactCheckModule(LMOptions("tiny:gpt2"), thresholds={"oracle": 0.0})
 
 
 def test_relation_sets_from_a_neuron_file_use_train_facts_only(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_relation_sets_from_a_neuron_file_use_train_facts_only(tmp_path: Path) -
         TEST_UUID: FactNeurons("P37", {"en": [(2, 60)]}, degenerate_pairs=[((2, 60), (2, 61))]),  # not train
     }
     path = write_neuron_file(tmp_path / "neurons.json", NeuronFile("tiny:gpt2", 3, 64, facts=facts))
-    main(args("test", tmp_path, "--model.init_args.neuron_file", str(path), "--model.init_args.detectors",
+    main(args("test", tmp_path, "--model.init_args.neurons", str(path), "--model.init_args.detectors",
               "[prob,fast]"))  # fmt: skip
     sets = {s["relation"]: s for s in results(tmp_path, "test")["relation_sets"]}
     assert sets["P36"]["neurons"] == [[1, 3], [2, 5]] and sets["P36"]["source"] == "dkn"

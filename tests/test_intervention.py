@@ -68,7 +68,7 @@ def test_intervene_matches_a_direct_forward(arch: str) -> None:
     encoded = [lm.encode(q, a) for q, a in QUERIES]
     sets = [[], [(0, 1), (lm.num_layers - 1, 3)], [(lm.num_layers - 1, i) for i in range(8)]]
     rows = [(e, s, f) for e in encoded for s in sets for f in (0.0, 2.0)]
-    outcome = intervene(lm, rows, batch_rows=5)
+    outcome = intervene(lm, rows, chunk_rows=5)
     for r, (e, s, f) in enumerate(rows):
         expected, top1 = _direct(lm, e, s, f)
         assert float(outcome.log_prob[r]) == pytest.approx(expected, abs=2e-4), (arch, r)

@@ -24,7 +24,7 @@ def test_config_parses_without_loading_weights(
     printed = print_config(monkeypatch, capsys, ["test", "--config", str(config)])
     assert printed["model"]["class_path"] == "knlight.tasks.intervention.InterventionModule"
     methods = printed["model"]["init_args"]["methods"]
-    assert methods and all(set(m) == {"path", "neurons"} for m in methods.values())
+    assert methods and all(set(m) == {"neurons", "kind"} for m in methods.values())
     assert printed["data"]["init_args"]["split_fractions"] == [0.0, 0.0, 1.0]
     callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
     assert callbacks == ["knlight.callbacks.intervention_figures.InterventionFigures"]

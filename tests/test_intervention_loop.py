@@ -13,6 +13,7 @@ import pytest
 import knlight.tasks.intervention as intervention_task
 from knlight import load_lm
 from knlight.cli import main
+from knlight.lm.options import LMOptions
 from knlight.neurons.interventions import Outcome, intervene
 from knlight.neurons.neuron_file import NeuronFileError, read_neuron_file, write_neuron_file
 
@@ -59,8 +60,8 @@ def test_every_table_is_written_and_complete(finished: Path) -> None:
         assert (finished / "out" / f"{name}.csv").is_file()
     document = json.loads((finished / "out" / "intervention.json").read_text("utf-8"))
     assert set(document) == {"settings", "counts", *TABLES}
-    assert document["settings"]["methods"]["likn"] == {"path": "configs/tiny/neurons/amig.json",
-                                                       "neurons": "language_independent"}  # fmt: skip
+    assert document["settings"]["methods"]["likn"] == {"neurons": "configs/tiny/neurons/amig.json",
+                                                       "kind": "language_independent"}  # fmt: skip
     rows = table(finished, "intervention")
     assert len(rows) == len(document["intervention"])
     methods = ("dai", "amig", "likn", "uncertainty")
@@ -160,7 +161,7 @@ def test_zero_probability_baselines_are_counted_not_fatal(
         return Outcome(log_prob, outcome.top1)
 
     monkeypatch.setattr(intervention_task, "intervene", zero_first_query)
-    only_dai = '{"dai": {"path": "configs/tiny/neurons/dai.json"}}'
+    only_dai = '{"dai": {"neurons": "configs/tiny/neurons/dai.json"}}'
     main(
         intervene_args(
             tmp_path, "--model.init_args.methods", only_dai, "--model.init_args.random_control", "false"
@@ -180,18 +181,26 @@ def test_a_neuron_file_of_another_model_is_refused(tmp_path: Path, in_repo: None
     with pytest.raises(
         NeuronFileError, match=r"other\.json was selected on 'tiny:gpt2' with d_ff=128.*d_ff=64"
     ):
-        main(intervene_args(tmp_path, "--model.init_args.methods", json.dumps({"dai": {"path": str(other)}})))
+        main(
+            intervene_args(
+                tmp_path, "--model.init_args.methods", json.dumps({"dai": {"neurons": str(other)}})
+            )
+        )
 
 
 def test_no_methods_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="needs at least one method"):
-        intervention_task.InterventionModule("tiny:gpt2", methods={})
+        intervention_task.InterventionModule(LMOptions("tiny:gpt2"), methods={})
     with pytest.raises(ValueError, match="choose among suppress, enhance, erase"):
-        intervention_task.InterventionModule("tiny:gpt2", methods={"a": {"path": "x"}}, operations=["boost"])
+        intervention_task.InterventionModule(
+            LMOptions("tiny:gpt2"), methods={"a": {"neurons": "x"}}, operations=["boost"]
+        )
 
 
 def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
-    module = intervention_task.InterventionModule("tiny:gpt2", methods={"a": {"path": "x"}}, seed=3)
+    module = intervention_task.InterventionModule(
+        LMOptions("tiny:gpt2"), methods={"a": {"neurons": "x"}}, seed=3
+    )
     facts = {"F1": "P36", "F2": "P36", "F3": "P37"}
     items = [{"uuid": u, "language": g, "query_id": q, "relation": r, "query": "x [Y]", "answer": "y"}
              for u, r in facts.items() for g in ("en", "de") for q in range(4)]  # fmt: skip
@@ -213,7 +222,7 @@ def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
     assert len(module.unrelated_items(items[0])) == 3
     with pytest.raises(ValueError, match="choose any, same or other"):
         intervention_task.InterventionModule(
-            "tiny:gpt2", methods={"a": {"path": "x"}}, unrelated_relations="all"
+            LMOptions("tiny:gpt2"), methods={"a": {"neurons": "x"}}, unrelated_relations="all"
         )
 
 

@@ -115,7 +115,7 @@ def test_every_loop_runs_on_a_saved_plant(tmp_path: Path) -> None:
 
     # predict: attribution of every planted query
     _run("predict", "--config", str(REPO / "configs" / "tiny" / "localize.yaml"), *quiet,
-         "--model.init_args.model", model, "--data.init_args.path", records, "--model.init_args.steps", "8",
+         "--model.init_args.lm.model", model, "--data.init_args.path", records, "--model.init_args.ig.steps", "8",
          "--model.init_args.language_thresholds", "{}",
          "--trainer.callbacks.init_args.output_dir", str(tmp_path / "attributions"))  # fmt: skip
     lines = (tmp_path / "attributions" / "attributions.jsonl").read_text("utf-8").splitlines()
@@ -138,8 +138,8 @@ def test_every_loop_runs_on_a_saved_plant(tmp_path: Path) -> None:
 
     # test: interventions with the selected neurons remove the planted facts
     _run("test", "--config", str(REPO / "configs" / "tiny" / "intervene.yaml"), *quiet,
-         "--model.init_args.model", model, "--data.init_args.path", records,
-         "--model.init_args.methods", json.dumps({"dai": {"path": str(neurons_path)}}),
+         "--model.init_args.lm.model", model, "--data.init_args.path", records,
+         "--model.init_args.methods", json.dumps({"dai": {"neurons": str(neurons_path)}}),
          "--model.init_args.unrelated_per_query", "2", "--model.init_args.output_dir", str(tmp_path / "intervention"),
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))  # fmt: skip
     rows = json.loads((tmp_path / "intervention" / "intervention.json").read_text("utf-8"))["intervention"]
@@ -149,9 +149,9 @@ def test_every_loop_runs_on_a_saved_plant(tmp_path: Path) -> None:
 
     # fit: edit two facts through their language-independent neurons
     _run("fit", "--config", str(REPO / "configs" / "tiny" / "edit.yaml"), *quiet,
-         "--model.init_args.model", model, "--data.init_args.path", records,
+         "--model.init_args.lm.model", model, "--data.init_args.path", records,
          "--model.init_args.neurons", str(neurons_path), "--model.init_args.neuron_rule", "language_independent",
-         "--model.init_args.layers", "null", "--model.init_args.edit_languages", "[qaa]",
+         "--model.init_args.layers", "null", "--model.init_args.requests.edit_languages", "[qaa]",
          "--data.init_args.split_fractions", "[1.0, 0.0, 0.0]",
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))  # fmt: skip
     (version,) = (tmp_path / "runs" / "tiny-edit").glob("version_*")

@@ -26,6 +26,8 @@ from knlight.callbacks.run_folder import RunFolderError
 from knlight.cli import main
 from knlight.data.datamodule import RMLLamaDataModule
 from knlight.errors import DataError
+from knlight.lm.options import LMOptions
+from knlight.neurons.ig import IGOptions
 from knlight.select import SelectionError, UncertaintyOptions, run_selection
 from knlight.select import main as select_main
 from knlight.tasks import AttributionModule
@@ -96,7 +98,7 @@ def copy_of(finished: Path, root: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "second", [["--model.init_args.steps", "5"], []], ids=["other-steps", "same-settings"]
+    "second", [["--model.init_args.ig.steps", "5"], []], ids=["other-steps", "same-settings"]
 )
 def test_a_second_concurrent_run_is_refused_at_once_and_the_first_stays_whole(
     tmp_path: Path, tiny_args: Callable, reference: bytes, second: list[str]
@@ -222,7 +224,7 @@ def test_other_weights_under_the_same_model_folder_are_refused(tmp_path: Path, t
         lm.model.save_pretrained(model)
         lm.tokenizer.save_pretrained(model)
 
-    args = [*tiny_args(tmp_path), *ZH, "--model.init_args.model", str(model)]
+    args = [*tiny_args(tmp_path), *ZH, "--model.init_args.lm.model", str(model)]
     save("tiny:gpt2")
     main(args)
     before = snapshot(tmp_path / OUT)
@@ -240,7 +242,7 @@ def test_results_without_run_json_are_not_taken_for_any_settings(
     folder = copy_of(finished, tmp_path)
     (folder / "run.json").unlink()
     before = snapshot(folder)
-    for other in (["--model.init_args.steps", "5"], []):  # not even the same settings: they are unknown
+    for other in (["--model.init_args.ig.steps", "5"], []):  # not even the same settings: they are unknown
         with pytest.raises(RunFolderError) as refused:
             main([*tiny_args(tmp_path), *other])
         message = str(refused.value)
@@ -405,7 +407,7 @@ def test_a_damaged_scores_file_stops_the_merge_and_keeps_the_new_work(
 
 
 def test_the_module_never_skips_an_item_whose_stored_inputs_differ() -> None:
-    task = AttributionModule("tiny:gpt2", steps=2)
+    task = AttributionModule(LMOptions("tiny:gpt2"), IGOptions(steps=2))
     task.configure_model()
     item = {"uuid": "P36:Q142:Q90", "language": "en", "relation": "P36", "query_id": 0,
             "query": "The capital of France is [Y].", "answer": "Paris"}  # fmt: skip

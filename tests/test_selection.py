@@ -397,7 +397,7 @@ def test_committed_tiny_neuron_files_are_reproduced(
     extra = (
         ["--model.init_args.return_scores", "true", "--trainer.callbacks.init_args.save_scores", "true"]
         if name == "dai"
-        else ["--model.init_args.baseline", "amig"]
+        else ["--model.init_args.ig.baseline", "amig"]
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as when the files were generated
@@ -405,7 +405,7 @@ def test_committed_tiny_neuron_files_are_reproduced(
         knlight_main([
             "predict", "--config", str(repo / "configs" / "tiny" / "localize.yaml"),
             "--data.init_args.path", str(repo / "tests" / "fixtures" / "rml_small.jsonl"),
-            "--trainer.enable_progress_bar", "false", "--model.init_args.steps", "4",
+            "--trainer.enable_progress_bar", "false", "--model.init_args.ig.steps", "4",
             "--trainer.callbacks.init_args.output_dir", f"runs/tiny-neurons/{name}", *extra,
         ])  # fmt: skip
         options = {"uncertainty": UncertaintyOptions(enabled=True)} if name == "dai" else {}

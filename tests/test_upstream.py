@@ -149,7 +149,7 @@ def test_a_replay_that_gives_other_numbers_is_caught_before_any_score() -> None:
 
 def test_sliding_window_rows_use_the_models_own_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     """tiny Gemma 3 has a sliding window of 8: a prompt longer than it goes through the windowed mask rows."""
-    from knlight.neurons import engines
+    from knlight.neurons import fast_engine as engines
 
     lm = load_lm("tiny:gemma3_text")
     window = lm.model.config.sliding_window

@@ -54,7 +54,7 @@ def test_a_neuron_file_sharing_no_fact_with_the_data_is_refused(tmp_path: Path, 
     neurons = read_neuron_file(REPO / "configs" / "tiny" / "neurons" / "dai.json")
     neurons.facts = {f"other:{uuid}": fact for uuid, fact in neurons.facts.items()}
     other = write_neuron_file(tmp_path / "elsewhere.json", neurons)
-    methods = json.dumps({"dai": {"path": str(other)}})
+    methods = json.dumps({"dai": {"neurons": str(other)}})
     with pytest.raises(ConfigError, match=r"no tested fact has neurons.*elsewhere\.json.*rml_small\.jsonl"):
         main(intervene_args(tmp_path, "--model.init_args.methods", methods))
     assert not (tmp_path / "out").exists()  # no empty tables pretend to be results
@@ -115,7 +115,7 @@ def test_a_query_longer_than_the_model_allows_names_the_item(tmp_path: Path, in_
     path.write_text(json.dumps(record) + "\n", encoding="utf-8")
     args = ["predict", "--config", str(LOCALIZE), "--data.init_args.path", str(path),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-            "--model.init_args.steps", "2"]  # fmt: skip
+            "--model.init_args.ig.steps", "2"]  # fmt: skip
     with pytest.raises(QueryError, match=rf"uuid='{record['uuid']}' language='en' query_id=0.*at most 128"):
         main(args)
 
@@ -151,7 +151,7 @@ def _knlight(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--model.init_args.model", "gemma3-27Om"], "did you mean 'gemma3-270m'?"),
+        (["--model.init_args.lm.model", "gemma3-27Om"], "did you mean 'gemma3-270m'?"),
         (["--data.init_args.path", "nowhere/facts.jsonl"], "nowhere/facts.jsonl"),
         (["--model.init_args.unrelated_per_query", "-1"], "model.init_args.unrelated_per_query must be >= 0"),
     ],

@@ -1,15 +1,10 @@
-"""Integrated-gradient attribution of FFN neurons: quadratures, baselines and the driver over two engines.
+"""Integrated-gradient attribution of FFN neurons: the AMIG baselines and the driver over two engines.
 
-For prompt x, gold object token y and layer l, ``F(a) = P(y | x; h_l <- a)`` at the target position, and
-
-    Attr_l(i) = (ā_i - a'_i) * sum_k w_k dF(a' + α_k (ā - a')) / da_i
-
-with ā the clean activation, a' the baseline and (α_k, w_k) the quadrature. Multi-token answers sum over the
-answer tokens (each token is its own target position, the gold prefix teacher-forced for causal LMs).
-
-The driver (:func:`attribute_batch`) turns queries into *IG problems* (one per item x answer token x layer x
-baseline) and hands them to an engine (:mod:`knlight.neurons.engines`): ``reference`` (plain autograd, one layer
-at a time: the oracle) or ``fast`` (same numbers, far fewer FLOPs).
+Multi-token answers sum over the answer tokens (each token is its own target position, the gold prefix
+teacher-forced for causal LMs). The definitions (quadratures, IG problems, options) are in
+:mod:`knlight.neurons.ig`. The driver (:func:`attribute_batch`) turns queries into *IG problems* (one per item
+x answer token x layer x baseline) and hands them to an engine (:mod:`knlight.neurons.engines`): ``reference``
+(plain autograd, one layer at a time: the oracle) or ``fast`` (same numbers, far fewer FLOPs).
 """
 
 from __future__ import annotations
@@ -17,88 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import torch
 
 from knlight.lm.prompts import EncodedQuery
-
-Quadrature = Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"]
-Baseline = Literal["zero", "amig"]
-Aggregation = Literal["paper", "code"]
-Objective = Literal["prob", "log_prob"]
-EngineName = Literal["fast", "reference"]
-QUADRATURES: tuple[str, ...] = ("riemann_right", "eleuther", "trapezoid", "gauss_legendre")
-BASELINES: tuple[str, ...] = ("zero", "amig")
-
-
-def quadrature(name: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes α_k in [0, 1] and weights w_k of a named quadrature (float64).
-
-    ``riemann_right``: α=k/m, k=1..m, w=1/m (Dai et al.). ``eleuther``: α=k/(m-1), k=0..m-1, w=1/m (EleutherAI
-    knowledge-neurons). ``trapezoid``: α=k/(m-1) with trapezoid weights. ``gauss_legendre``: Gauss-Legendre
-    nodes and weights mapped to [0, 1] (captum's default).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    m = steps
-    if name == "riemann_right":
-        alphas = torch.arange(1, m + 1, dtype=torch.float64) / m
-        weights = torch.full((m,), 1.0 / m, dtype=torch.float64)
-    elif name in ("eleuther", "trapezoid"):
-        if m < 2:
-            raise ValueError(f"quadrature {name!r} needs steps >= 2, got {steps}")
-        alphas = torch.arange(m, dtype=torch.float64) / (m - 1)
-        if name == "eleuther":
-            weights = torch.full((m,), 1.0 / m, dtype=torch.float64)
-        else:
-            weights = torch.full((m,), 1.0 / (m - 1), dtype=torch.float64)
-            weights[0] = weights[-1] = 0.5 / (m - 1)
-    elif name == "gauss_legendre":
-        nodes, w = np.polynomial.legendre.leggauss(m)
-        alphas = torch.from_numpy((nodes + 1) / 2)
-        weights = torch.from_numpy(w / 2)
-    else:
-        raise ValueError(f"unknown quadrature {name!r}; choose one of {QUADRATURES}")
-    return alphas, weights
-
-
-@dataclass
-class Problems:
-    """A batch of IG problems: integrate F along ``base + α·diff`` at one layer and target.
-
-    Attributes:
-        seq: Index of the (clean) input sequence.
-        position: Target position in that sequence.
-        token: Gold token id at that target.
-        layer: Layer whose activation is scaled.
-        base: Start of the path ``[P, d_ff]`` (the baseline a').
-        diff: Path direction ``[P, d_ff]`` (ā - a').
-    """
-
-    seq: torch.Tensor
-    position: torch.Tensor
-    token: torch.Tensor
-    layer: torch.Tensor
-    base: torch.Tensor
-    diff: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.seq)
-
-
-@dataclass
-class CleanPass:
-    """Clean-model quantities at the target positions.
-
-    Attributes:
-        acts: Per sequence, ``[n_targets, num_layers, d_ff]`` activations ā at its target positions.
-        log_probs: Per sequence, ``[n_targets]`` log P(gold token) at each target.
-    """
-
-    acts: list[torch.Tensor]
-    log_probs: list[torch.Tensor]
+from knlight.neurons.engines import make_engine
+from knlight.neurons.ig import BASELINES, Problems, objective_value, quadrature
 
 
 @dataclass
@@ -119,15 +38,6 @@ class Attribution:
     prob: torch.Tensor
     delta: torch.Tensor
     residual: torch.Tensor
-
-
-def objective_value(log_probs: torch.Tensor, objective: str) -> torch.Tensor:
-    """F from log P(y): the probability (default) or the log-probability."""
-    if objective == "prob":
-        return log_probs.exp()
-    if objective == "log_prob":
-        return log_probs
-    raise ValueError(f"unknown objective {objective!r}; choose 'prob' or 'log_prob'")
 
 
 def baseline_sequences(encoded: EncodedQuery, replacement_id: int) -> list[tuple[int, ...]]:
@@ -173,8 +83,6 @@ def attribute_batch(
         completeness: Also evaluate F(a') to report the completeness residual (one extra row per problem when
             the quadrature has no α=0 node).
     """
-    from knlight.neurons.engines import make_engine
-
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
     if aggregation not in ("paper", "code"):

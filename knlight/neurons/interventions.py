@@ -53,7 +53,7 @@ class Outcome:
 def intervene(
     lm: Any,
     rows: Sequence[tuple[EncodedQuery, Sequence[Neuron], float]],
-    batch_rows: int = 256,
+    chunk_rows: int = 256,
     prefix_cache: bool | None = None,
 ) -> Outcome:
     """Evaluate rows ``(query, neuron set, factor)`` in batched forwards.
@@ -69,7 +69,7 @@ def intervene(
         lm: A :class:`knlight.LanguageModel` (anything with ``model``, ``sites``, ``num_layers``, ``d_ff``,
             ``pad_token_id``, ``device`` and ``masked``).
         rows: The rows; an empty set (or factor 1) leaves the model unchanged.
-        batch_rows: Rows per forward.
+        chunk_rows: Rows per forward.
         prefix_cache: Reuse each query's clean prefix (default: for causal LMs).
 
     Returns:
@@ -88,14 +88,14 @@ def intervene(
         # A query with few rows gains nothing from its own two forwards: those rows run whole, batched.
         few = [r for members in by_query.values() if len(members) < MIN_CACHED_ROWS for r in members]
         chunks = [
-            members[i : i + batch_rows]
+            members[i : i + chunk_rows]
             for members in by_query.values()
             if len(members) >= MIN_CACHED_ROWS
-            for i in range(0, len(members), batch_rows)
+            for i in range(0, len(members), chunk_rows)
         ]
-        chunks += [few[i : i + batch_rows] for i in range(0, len(few), batch_rows)]
+        chunks += [few[i : i + chunk_rows] for i in range(0, len(few), chunk_rows)]
     else:
-        chunks = [list(range(i, min(i + batch_rows, len(rows)))) for i in range(0, len(rows), batch_rows)]
+        chunks = [list(range(i, min(i + chunk_rows, len(rows)))) for i in range(0, len(rows), chunk_rows)]
     for chunk in chunks:
         queries = [rows[r][0] for r in chunk]
         sets = [list(rows[r][1]) for r in chunk]
@@ -121,7 +121,7 @@ def answer_log_probs(
     items: Sequence[EncodedQuery],
     neuron_sets: Sequence[Sequence[Neuron]] | None = None,
     factor: float = 0.0,
-    batch_rows: int = 256,
+    chunk_rows: int = 256,
 ) -> torch.Tensor:
     """log P(answer) of every item under every neuron-set intervention, in batched forwards.
 
@@ -130,14 +130,14 @@ def answer_log_probs(
         items: Encoded queries.
         neuron_sets: S sets of (layer, index); each is applied alone (default: one empty set = clean model).
         factor: Multiplier at the target positions (0 suppresses, 2 enhances, 1 leaves unchanged).
-        batch_rows: Rows (item × set) per forward.
+        chunk_rows: Rows (item × set) per forward.
 
     Returns:
         ``[len(items), S]`` log-probabilities (sum over answer tokens, gold prefix teacher-forced).
     """
     sets = [list(s) for s in (neuron_sets if neuron_sets is not None else [[]])]
     rows = [(item, s, factor) for item in items for s in sets]
-    return intervene(lm, rows, batch_rows).log_prob.view(len(items), len(sets))
+    return intervene(lm, rows, chunk_rows).log_prob.view(len(items), len(sets))
 
 
 def _scaling_hooks(

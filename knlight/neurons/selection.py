@@ -174,14 +174,14 @@ class DegenerateResult:
 
 
 def _drops(
-    lm: Any, items: Sequence[EncodedQuery], sets: list[list[Neuron]], batch_rows: int = 256
+    lm: Any, items: Sequence[EncodedQuery], sets: list[list[Neuron]], chunk_rows: int = 256
 ) -> torch.Tensor:
     """Mean relative drop of P(answer) over the items, for each neuron set (suppressed alone).
 
     Computed from log-probabilities (no underflow); items whose clean P(answer) is 0 are left out of the mean
     (NaN when every item is).
     """
-    log_p = answer_log_probs(lm, items, [[], *sets], factor=0.0, batch_rows=batch_rows)
+    log_p = answer_log_probs(lm, items, [[], *sets], factor=0.0, chunk_rows=chunk_rows)
     drop = -relative_change_from_log(log_p[:, :1], log_p[:, 1:])
     return drop.nanmean(0).float()
 
@@ -194,7 +194,7 @@ def degenerate_neurons(
     t_high: float = 0.25,
     grow: bool = True,
     max_set_size: int = 4,
-    batch_rows: int = 256,
+    chunk_rows: int = 256,
 ) -> DegenerateResult:
     """AMIG Algorithm 1 (pairs), plus greedy growth to larger sets.
 
@@ -209,16 +209,16 @@ def degenerate_neurons(
         t_high: A pair (set) is degenerate when suppressing it drops P by more than this.
         grow: Also search larger sets among candidates not in any pair.
         max_set_size: Largest set the greedy growth builds.
-        batch_rows: Rows (query × neuron set) per forward.
+        chunk_rows: Rows (query × neuron set) per forward.
     """
     top = list(top)
     # Singles first: only pairs of candidates can be degenerate, so the other pairs are never measured.
-    single_drops = _drops(lm, items, [[n] for n in top], batch_rows)
+    single_drops = _drops(lm, items, [[n] for n in top], chunk_rows)
     single = {n: float(single_drops[i]) for i, n in enumerate(top)}
     candidates = [n for n in top if single[n] <= t_low]
     pair_list = list(itertools.combinations(candidates, 2))
     pair_drops = (
-        _drops(lm, items, [list(pq) for pq in pair_list], batch_rows) if pair_list else torch.zeros(0)
+        _drops(lm, items, [list(pq) for pq in pair_list], chunk_rows) if pair_list else torch.zeros(0)
     )
     pairs = [pq for k, pq in enumerate(pair_list) if float(pair_drops[k]) > t_high]
     sets: list[list[Neuron]] = []
@@ -231,18 +231,18 @@ def degenerate_neurons(
                 options = [n for n in pool if n not in chosen]
                 if not options:
                     break
-                trial = _drops(lm, items, [[*chosen, n] for n in options], batch_rows)
+                trial = _drops(lm, items, [[*chosen, n] for n in options], chunk_rows)
                 best = int(trial.argmax())
                 chosen.append(options[best])
                 if float(trial[best]) > t_high:
                     break
-            joint = float(_drops(lm, items, [chosen], batch_rows)[0])
+            joint = float(_drops(lm, items, [chosen], chunk_rows)[0])
             minimal = (
                 len(chosen) >= 3
                 and joint > t_high
                 and bool(
                     (
-                        _drops(lm, items, [[m for m in chosen if m != x] for x in chosen], batch_rows)
+                        _drops(lm, items, [[m for m in chosen if m != x] for x in chosen], chunk_rows)
                         <= t_high
                     ).all()
                 )

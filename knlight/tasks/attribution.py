@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback
 
+from knlight.errors import ConfigError
+from knlight.io import short_hash
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.neurons.attribution import Attribution, attribute_batch
+from knlight.neurons.ig import IGOptions
 from knlight.neurons.selection import coarse_mask, top_k_mask
-from knlight.tasks.base import BaseTask, ItemKey, short_hash
+from knlight.tasks.base import BaseTask, ItemKey
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +75,10 @@ class AttributionModule(BaseTask):
     ``trainer.inference_mode: false``: IG needs gradients.
 
     Args:
-        model: Hub id (``bert-base-multilingual-cased``, ``ai-forever/mGPT``, ...), local folder or ``.gguf``
-            file, or ``tiny:<arch>[:seed]`` for a tiny random model (tests, demos).
-        tokenizer: Where to load the tokenizer from (default: the model's).
-        dtype: Weight and compute dtype (default float32; ``bf16``, ``fp16``).
-        gguf_file: GGUF file name inside ``model`` (a ``model`` path ending in ``.gguf`` sets it too).
-        engine: ``fast`` (default) or ``reference`` (plain autograd, one layer at a time; same numbers).
-        baseline: ``zero`` (Dai et al.) or ``amig`` (one baseline per query word: [MASK] / EOS).
-        aggregation: For the ``amig`` baseline: ``paper`` (sum per-word IG, normalise each layer) or ``code``
-            (the AMIG code's averaged baseline).
-        quadrature: ``riemann_right`` (Dai), ``eleuther``, ``trapezoid`` or ``gauss_legendre``.
-        steps: Number of quadrature nodes m.
+        lm: The language model (``lm.model``: hub id, local folder or ``.gguf`` file, packaged name, or
+            ``tiny:<arch>[:seed]``).
+        ig: How integrated gradients are computed (baseline, quadrature, steps, objective, engine, chunk_rows).
         layers: Layers to attribute (default all).
-        objective: ``prob`` (F = P(answer)) or ``log_prob``.
-        chunk_rows: Upper bound on rows the fast engine processes at once (lower it when memory is short).
         completeness: Also compute the completeness residual per layer (one extra row per problem).
         micro_batch_size: Items attributed together in one call. 1 (default) makes every item's numbers
             independent of its batch-mates, so outputs are byte-identical whatever the DDP world size or
@@ -98,18 +92,9 @@ class AttributionModule(BaseTask):
 
     def __init__(
         self,
-        model: str,
-        tokenizer: str | None = None,
-        dtype: str | None = None,
-        gguf_file: str | None = None,
-        engine: Literal["fast", "reference"] = "fast",
-        baseline: Literal["zero", "amig"] = "zero",
-        aggregation: Literal["paper", "code"] = "paper",
-        quadrature: Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"] = "riemann_right",
-        steps: int = 20,
+        lm: LMOptions,
+        ig: IGOptions = IGOptions(),
         layers: list[int] | None = None,
-        objective: Literal["prob", "log_prob"] = "prob",
-        chunk_rows: int | None = None,
         completeness: bool = True,
         micro_batch_size: int | None = 1,
         threshold: float = 0.2,
@@ -117,26 +102,22 @@ class AttributionModule(BaseTask):
         top_k: int | None = None,
         return_scores: bool = False,
     ) -> None:
-        super().__init__(model, tokenizer, dtype, gguf_file)
+        super().__init__(lm)
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or null (whole batch), got {micro_batch_size}")
+            raise ConfigError(
+                f"model.init_args.micro_batch_size must be >= 1 or null (whole batch), got {micro_batch_size}"
+            )
         for name, tau in {"threshold": threshold, **(language_thresholds or {})}.items():
             if not 0.0 <= tau <= 1.0:
-                raise ValueError(f"threshold for {name!r} must be in [0, 1] (fraction of the max), got {tau}")
+                key = "threshold" if name == "threshold" else f"language_thresholds.{name}"
+                raise ConfigError(
+                    f"model.init_args.{key}: threshold for {name!r} must be in [0, 1] (fraction of the max), got {tau}"
+                )
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or null (no cap), got {top_k}")
+            raise ConfigError(f"model.init_args.top_k must be >= 1 or null (no cap), got {top_k}")
         self.save_hyperparameters()
-        self.ig_options: dict[str, Any] = dict(
-            layers=layers,
-            steps=steps,
-            baseline=baseline,
-            quadrature_name=quadrature,
-            engine=engine,
-            objective=objective,
-            aggregation=aggregation,
-            chunk_rows=chunk_rows,
-            completeness=completeness,
-        )
+        self.ig = ig
+        self.ig_options: dict[str, Any] = dict(layers=layers, completeness=completeness, **ig.kwargs())
         self.micro_batch_size = micro_batch_size
         self.threshold = threshold
         self.language_thresholds = dict(language_thresholds or {})
@@ -302,7 +283,6 @@ class AttributionModule(BaseTask):
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        """Hyperparameters that determine the results (memory/batching knobs excluded)."""
-        # "_instantiator" and friends are LightningCLI bookkeeping, not settings.
+        """Settings that determine the results (memory/batching knobs excluded)."""
         skip = ("chunk_rows", "micro_batch_size")
-        return {k: v for k, v in self.hparams.items() if k not in skip and not k.startswith("_")}
+        return {k: v for k, v in self.flat_hparams().items() if k not in skip}

@@ -52,7 +52,10 @@ from knlight.data.datamodule import ItemDataset, RMLLamaDataModule, collate_item
 from knlight.data.records import FactRecord
 from knlight.data.splits import split_by_uuid, stable_fraction
 from knlight.editing import RowScore, row_measures
+from knlight.editing.options import DirectEdit, EditRequests, EditTraining
+from knlight.errors import ConfigError
 from knlight.fingerprint import describe_callable
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.editing import EditingMetrics, metric_name, result_table, write_table
 from knlight.neurons.edits import NeuronEdit, check_neurons, direct_edit, scale_edit
@@ -266,10 +269,7 @@ class EditingModule(BaseTask):
     :class:`EditingDataModule`.
 
     Args:
-        model: Hub id, local folder or ``.gguf`` file, or ``tiny:<arch>[:seed]`` for a tiny random model.
-        tokenizer: Where to load the tokenizer from (default: the model's).
-        dtype: Weight and compute dtype (default float32; ``bf16``, ``fp16``). The deltas are float32.
-        gguf_file: GGUF file name inside ``model``.
+        lm: The language model (the deltas are float32 whatever its dtype).
         mode: ``edit`` (replace objects), ``inject`` (teach facts the model does not know) or ``enhance``
             (training-free: scale the neurons by ``enhance_factor``; run validate/test).
         neurons: Neuron file (per fact: language-independent set and per-language sets); may be omitted only
@@ -279,116 +279,80 @@ class EditingModule(BaseTask):
             ``random`` (as many per layer as the language-independent set, other indices, seeded) or
             ``ffn`` (every neuron of the language-independent set's layers, or of ``layers``).
         layers: Layers for ``neuron_rule: ffn`` (default: the language-independent set's layers).
-        edits: Edit requests: a list of ``{uuid, new_object, languages}`` (``new_object`` a string, a
-            ``{language: string}`` map, or omitted for the fact's first wrong object), a JSONL file of them,
-            or
-            ``derive``: every fact of the datamodule's train split, new object = its first wrong object
-            (``inject``: the train-split facts the model does not know, new object = the true one). A request
-            may name its own ``languages``.
-        edit_languages: Languages whose queries are trained on (default: ``en`` when the data has it, else its
-            first language).
-        edit_queries: Rephrasings per edit language used for training (the first ones); the others measure
-            same-language generality. None trains on all of them.
-        max_edits: At most this many requests (a seeded choice); None keeps all.
-        edits_per_group: None edits all facts at once (batched); k edits k facts at a time, one group after
-            the other, each its own fine-tune (fresh optimizer state, only the group's neurons move), the
-            deltas accumulating (sequential editing with k = 1).
-        steps: Optimizer steps per group (one epoch is the whole schedule: use ``trainer.max_epochs: 1``).
+        requests: Which facts are edited, into what, on which queries (and sequential groups).
+        training: Steps, trainable slices, W_in learning-rate scale, locality weight.
         optimizer: Optimizer for the deltas (called with the deltas only), e.g. ``torch.optim.Adam`` with
             ``lr: 0.01``. Weight decay is fine: rows a group does not own are restored after every step.
-        trainable: Which slices learn: ``in_out`` (W_in rows + bias and W_out columns), ``out`` (W_out columns
-            only: the neurons keep firing where they fired, only what they write changes) or ``in``.
-        in_lr_scale: Learning rate of the W_in slices relative to the optimizer's (a second param group). At
-            1.0 Adam tends to switch the old fact's neurons off (GELU/SiLU dead zone) before it rewrites what
-            they write, and the edit gets stuck (measured on planted models); 0.1 avoids it.
-        locality_weight: Weight of KL(edited ‖ unedited) on unrelated queries (0 disables it).
         baselines: Training-free methods evaluated beside the edit: ``direct`` (Dai et al.'s W_out update),
             ``suppress`` / ``enhance`` (the facts' neurons ×0 / ×2 at every position) and, in enhance mode,
             ``random`` (the random-rule neurons scaled by ``enhance_factor``).
-        direct_lambda_old: λ1 of the direct edit (Dai et al.: 1).
-        direct_lambda_new: λ2 of the direct edit (Dai et al.: 8).
-        direct_embedding: Embedding rows the direct edit writes: ``output`` (unembedding) or ``input``.
+        direct: The λs and embedding of the ``direct`` baseline.
         enhance_factor: Scale of the neurons in ``enhance`` mode.
         inject_unknown_in: ``inject``: a fact qualifies when the model does not know it in the edit languages
-            (``edit_languages``) or in every language (``all``, so other-language success is transfer).
+            (``requests.edit_languages``) or in every language (``all``, so other-language success is transfer).
         load_edit: Evaluate this saved edit (``edit.safetensors``) instead of a fresh zero edit. It must
             have been made on this model (its base weights at the edited neurons are compared).
         allow_other_model: Apply ``load_edit`` even when it was made on another model (a warning instead of
             an error).
-        eval_chunk: Sequences per forward in evaluation.
+        chunk_rows: Sequences per forward in evaluation.
         seed: Seed of the request choice, the random rule and the training schedule.
     """
 
     def __init__(
         self,
-        model: str,
-        tokenizer: str | None = None,
-        dtype: str | None = None,
-        gguf_file: str | None = None,
+        lm: LMOptions,
         mode: Literal["edit", "inject", "enhance"] = "edit",
         neurons: str | None = None,
         neuron_rule: str = "language_independent",
         layers: list[int] | None = None,
-        edits: list[dict[str, Any]] | str = "derive",
-        edit_languages: list[str] | None = None,
-        edit_queries: int | None = 1,
-        max_edits: int | None = None,
-        edits_per_group: int | None = None,
-        steps: int = 30,
+        requests: EditRequests = EditRequests(),
+        training: EditTraining = EditTraining(),
         optimizer: OptimizerCallable = torch.optim.Adam,
-        trainable: Literal["in_out", "out", "in"] = "in_out",
-        in_lr_scale: float = 0.1,
-        locality_weight: float = 1.0,
         baselines: list[str] | None = None,
-        direct_lambda_old: float = 1.0,
-        direct_lambda_new: float = 8.0,
-        direct_embedding: Literal["output", "input"] = "output",
+        direct: DirectEdit = DirectEdit(),
         enhance_factor: float = 2.0,
         inject_unknown_in: Literal["edit_languages", "all"] = "all",
         load_edit: str | None = None,
         allow_other_model: bool = False,
-        eval_chunk: int = 64,
+        chunk_rows: int = 64,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, tokenizer, dtype, gguf_file)
+        super().__init__(lm)
         if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"model.init_args.mode={mode!r}: choose one of {', '.join(MODES)}")
         parse_rule(neuron_rule)
         unknown = sorted(set(baselines or []) - set(BASELINES))
         if unknown:
-            raise ValueError(f"baselines {unknown}: choose among {', '.join(BASELINES)}")
-        counts = {"steps": steps, "edit_queries": edit_queries, "edits_per_group": edits_per_group,
-                  "max_edits": max_edits, "eval_chunk": eval_chunk}  # fmt: skip
-        for name, value in counts.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value}: give a positive number")
+            raise ConfigError(f"model.init_args.baselines {unknown}: choose among {', '.join(BASELINES)}")
+        if chunk_rows < 1:
+            raise ConfigError(f"model.init_args.chunk_rows={chunk_rows}: give a positive number")
         if neurons is None and not (neuron_rule == "ffn" and layers):
-            raise ValueError(
-                "neurons: give a neuron file (only neuron_rule=ffn with explicit layers needs none)"
+            raise ConfigError(
+                "model.init_args.neurons: give a neuron file (only neuron_rule=ffn with explicit layers needs none)"
             )
         self.save_hyperparameters(ignore=["optimizer"])
         self.mode = mode
         self.neurons_path = neurons
         self.neuron_rule = neuron_rule
         self.layers = layers
-        self.edits_arg = edits
-        self.edit_languages = edit_languages
-        self.edit_queries = edit_queries
-        self.max_edits = max_edits
-        self.edits_per_group = edits_per_group
-        self.steps = steps
+        self.edits_arg = requests.edits
+        self.edit_languages = requests.edit_languages
+        self.edit_queries = requests.edit_queries
+        self.max_edits = requests.max_edits
+        self.edits_per_group = requests.edits_per_group
+        self.steps = training.steps
         self.optimizer_factory = optimizer
-        self.trainable = trainable
-        self.in_lr_scale = in_lr_scale
-        self.locality_weight = locality_weight
+        self.trainable = training.trainable
+        self.in_lr_scale = training.in_lr_scale
+        self.locality_weight = training.locality_weight
         self.baselines = list(baselines or [])
-        self.direct_lambdas = (direct_lambda_old, direct_lambda_new)
-        self.direct_embedding = direct_embedding
+        self.direct_lambdas = (direct.lambda_old, direct.lambda_new)
+        self.direct_embedding = direct.embedding
         self.enhance_factor = enhance_factor
         self.inject_unknown_in = inject_unknown_in
         self.load_edit = load_edit
         self.allow_other_model = allow_other_model
-        self.eval_chunk = eval_chunk
+        self.chunk_rows = chunk_rows
         self.seed = seed
         self.strict_loading = False  # checkpoints hold the deltas only (see on_save_checkpoint)
         self.edit: NeuronEdit | None = None
@@ -730,8 +694,8 @@ class EditingModule(BaseTask):
             sequences.append((r, -1, self.encode(row["query"], row["target"])))
             sequences += [(r, c, self.encode(row["query"], o)) for c, o in enumerate(row["competitors"])]
         out: list[dict[str, Any]] = [{"lp_comp": [None] * len(row["competitors"])} for row in rows]
-        for start in range(0, len(sequences), self.eval_chunk):
-            chunk = sequences[start : start + self.eval_chunk]
+        for start in range(0, len(sequences), self.chunk_rows):
+            chunk = sequences[start : start + self.chunk_rows]
             for (r, c, encoded), log_probs in zip(chunk, self.lm.target_log_probs([s[2] for s in chunk])):
                 value = self.answer_log_prob(log_probs, encoded)
                 if c < 0:

@@ -61,9 +61,11 @@ from knlight.factcheck.detectors import (
     relation_sets,
 )
 from knlight.io import write_text_atomically
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.factcheck import ClaimScores, choose_threshold, curve_figures, flagged, results_table
 from knlight.neurons.attribution import attribute_batch
+from knlight.neurons.ig import IGOptions
 from knlight.neurons.interventions import Neuron
 from knlight.neurons.selection import degenerate_neurons, mask_to_neurons, top_k_mask
 from knlight.tasks.base import BaseTask
@@ -140,10 +142,8 @@ class FactCheckModule(BaseTask):
     split, never on the test split.
 
     Args:
-        model: Hub id, local folder or ``.gguf`` file, or ``tiny:<arch>[:seed]``.
-        tokenizer: Where to load the tokenizer from (default: the model's).
-        dtype: Weight and compute dtype (default float32).
-        gguf_file: GGUF file name inside ``model``.
+        lm: The language model.
+        ig: How the ``amig`` detector's integrated gradients are computed (AMIG: zero baseline, prob).
         detectors: Detectors to run (default all: amig, prob, prob_mean, rank, fast, fast_lr, act_lr).
         top_k: Top-K neurons of a training fact searched for DKN pairs (AMIG: 20).
         t_low: A single neuron whose suppression drops P by at most this (relative) is a DKN candidate.
@@ -152,27 +152,19 @@ class FactCheckModule(BaseTask):
         use_sets: Also count the members of larger degenerate sets (greedy growth beyond pairs).
         fallback: ``top``: a relation whose training facts have no DKN pair uses the counts of their top-K
             neurons (recorded as source ``top``); ``none``: that is an error.
-        neuron_file: Take the DKN pairs from this neuron file (``degenerate`` of each fact; train facts only)
+        neurons: Take the DKN pairs from this neuron file (``degenerate`` of each fact; train facts only)
             instead of searching them.
-        engine: IG engine: ``fast`` or ``reference``.
-        baseline: IG baseline: ``zero`` or ``amig``.
-        aggregation: For the ``amig`` baseline: ``paper`` or ``code``.
-        quadrature: IG quadrature.
-        steps: IG steps m.
-        objective: IG objective: ``prob`` (AMIG) or ``log_prob``.
         thresholds: Fixed thresholds per detector (falseness score; a claim is flagged false above it; for
             ``amig`` the threshold is −λ). Detectors without one get theirs from the validation split.
         l2: L2 penalty of the logistic regressions.
-        batch_rows: Rows per forward of the DKN search.
+        chunk_rows: Rows per forward of the DKN search.
         output_dir: Where rank 0 writes the tables (default ``<log dir>/factcheck``).
     """
 
     def __init__(
         self,
-        model: str,
-        tokenizer: str | None = None,
-        dtype: str | None = None,
-        gguf_file: str | None = None,
+        lm: LMOptions,
+        ig: IGOptions = IGOptions(),
         detectors: list[Detector] | None = None,
         top_k: int = 20,
         t_low: float = 0.2,
@@ -180,19 +172,13 @@ class FactCheckModule(BaseTask):
         t: float = 0.7,
         use_sets: bool = False,
         fallback: Literal["top", "none"] = "top",
-        neuron_file: str | None = None,
-        engine: Literal["fast", "reference"] = "fast",
-        baseline: Literal["zero", "amig"] = "zero",
-        aggregation: Literal["paper", "code"] = "paper",
-        quadrature: Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"] = "riemann_right",
-        steps: int = 20,
-        objective: Literal["prob", "log_prob"] = "prob",
+        neurons: str | None = None,
         thresholds: dict[str, float] | None = None,
         l2: float = 1e-2,
-        batch_rows: int = 256,
+        chunk_rows: int = 256,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, dtype, gguf_file)
+        super().__init__(lm)
         self.detectors = list(detectors) if detectors is not None else list(DETECTORS)
         unknown = [d for d in self.detectors if d not in DETECTORS]
         if unknown or not self.detectors:
@@ -213,14 +199,11 @@ class FactCheckModule(BaseTask):
             )
         self.save_hyperparameters()
         self.top_k, self.t_low, self.t_high, self.t = top_k, t_low, t_high, t
-        self.use_sets, self.fallback, self.neuron_file = use_sets, fallback, neuron_file
-        self.ig_options: dict[str, Any] = dict(
-            steps=steps, baseline=baseline, quadrature_name=quadrature, engine=engine, objective=objective,
-            aggregation=aggregation,
-        )  # fmt: skip
+        self.use_sets, self.fallback, self.neurons_path = use_sets, fallback, neurons
+        self.ig_options: dict[str, Any] = ig.kwargs()
         self.given_thresholds = dict(thresholds or {})
         self.l2 = l2
-        self.batch_rows = batch_rows
+        self.chunk_rows = chunk_rows
         self.output_dir = output_dir
         self.scores = ClaimScores(len(FEATURES))
         self.sets: dict[str, RelationSet] = {}
@@ -310,7 +293,7 @@ class FactCheckModule(BaseTask):
             scores = attribute_batch(self.lm, [encoded], completeness=False, **self.ig_options).scores[0]
         top = mask_to_neurons(top_k_mask(scores, self.top_k), scores)
         result = degenerate_neurons(
-            self.lm, [encoded], top, self.t_low, self.t_high, grow=self.use_sets, batch_rows=self.batch_rows
+            self.lm, [encoded], top, self.t_low, self.t_high, grow=self.use_sets, chunk_rows=self.chunk_rows
         )
         rows = [[claim.claim_id, -1, m, layer, index] for m, (layer, index) in enumerate(top)]
         groups: list[Sequence[Neuron]] = [*result.pairs, *(result.sets if self.use_sets else [])]
@@ -322,10 +305,10 @@ class FactCheckModule(BaseTask):
         """Each relation's neuron set from the training claims (sharded over processes, then gathered)."""
         groups: dict[str, list[list[tuple[Neuron, ...]]]] = defaultdict(list)
         tops: dict[str, list[list[Neuron]]] = defaultdict(list)
-        if self.neuron_file is not None:
+        if self.neurons_path is not None:
             from knlight.neurons.neuron_file import read_neuron_file
 
-            neurons = read_neuron_file(self.neuron_file, self.lm.num_layers, self.lm.d_ff)
+            neurons = read_neuron_file(self.neurons_path, self.lm.num_layers, self.lm.d_ff)
             relation_of = {c.uuid: c.relation for c in train}
             used = sorted(uuid for uuid in neurons.facts if uuid in relation_of)
             for uuid in used:
@@ -337,7 +320,7 @@ class FactCheckModule(BaseTask):
                 )
             log.info(
                 "DKN from %s: %d train facts (of %d in the file)",
-                self.neuron_file,
+                self.neurons_path,
                 len(used),
                 len(neurons.facts),
             )
@@ -524,7 +507,7 @@ class FactCheckModule(BaseTask):
 
     def settings(self) -> dict[str, Any]:
         """Settings that determine the results (written to ``results.json``)."""
-        return {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        return self.flat_hparams()
 
     def _write(
         self,

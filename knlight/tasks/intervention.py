@@ -39,6 +39,7 @@ from lightning.pytorch import Callback
 
 from knlight.errors import ConfigError
 from knlight.io import write_text_atomically
+from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.intervention import (
     CLEAN,
@@ -73,13 +74,13 @@ class NeuronSource:
     """One method to test: a neuron file and which of its sets.
 
     Attributes:
-        path: The neuron file (written by ``python -m knlight.select``).
-        neurons: ``language`` (each language's own neurons; default), ``language_independent`` (LIKN),
+        neurons: The neuron file (written by ``knlight select``).
+        kind: ``language`` (each language's own neurons; default), ``language_independent`` (LIKN),
             ``uncertainty`` (uncertainty-aware aggregation) or ``degenerate`` (every DKN member).
     """
 
-    path: str
-    neurons: Literal["language", "language_independent", "uncertainty", "degenerate"] = "language"
+    neurons: str
+    kind: Literal["language", "language_independent", "uncertainty", "degenerate"] = "language"
 
 
 @dataclass
@@ -98,12 +99,8 @@ class InterventionModule(BaseTask):
     """Tests knowledge neurons by intervention (test loop); compares several neuron files in one run.
 
     Args:
-        model: Hub id, local folder or ``.gguf`` file, or ``tiny:<arch>[:seed]``; the model the neurons were
-            selected on.
-        tokenizer: Where to load the tokenizer from (default: the model's).
-        dtype: Weight and compute dtype (default float32).
-        gguf_file: GGUF file name inside ``model``.
-        methods: Name → neuron source (``{path: neurons.json, neurons: language}``), e.g. ``dai``, ``amig``,
+        lm: The language model the neurons were selected on.
+        methods: Name → neuron source (``{neurons: neurons.json, kind: language}``), e.g. ``dai``, ``amig``,
             ``likn``, ``uncertainty``. Every file is validated against the model.
         operations: Operations to run: ``suppress`` (×0), ``enhance`` (× ``enhance_factor``) and ``erase``
             (suppress the fact's neurons of every language).
@@ -115,16 +112,13 @@ class InterventionModule(BaseTask):
         cross_lingual: Also suppress each other language's neurons (and the LIKN) of the fact on this
             language's queries (methods with per-language sets only).
         seed: Seed of the unrelated samples and of the random neurons.
-        batch_rows: Rows (query × neuron set) per forward; lower it when memory is short.
+        chunk_rows: Rows (query × neuron set) per forward; lower it when memory is short.
         output_dir: Where rank 0 writes the tables (default: ``<log dir>/intervention``).
     """
 
     def __init__(
         self,
-        model: str,
-        tokenizer: str | None = None,
-        dtype: str | None = None,
-        gguf_file: str | None = None,
+        lm: LMOptions,
         methods: dict[str, NeuronSource] | None = None,
         operations: list[Operation] | None = None,
         enhance_factor: float = 2.0,
@@ -133,14 +127,14 @@ class InterventionModule(BaseTask):
         random_control: bool = True,
         cross_lingual: bool = True,
         seed: int = 0,
-        batch_rows: int = 256,
+        chunk_rows: int = 256,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, dtype, gguf_file)
+        super().__init__(lm)
         if not methods:
             raise ConfigError(
                 "model.init_args.methods is empty: InterventionModule needs at least one method, e.g. methods: "
-                "{dai: {path: neurons.json}} (write neuron files with `python -m knlight.select`)"
+                "{dai: {neurons: neurons.json}} (write neuron files with `knlight select`)"
             )
         self.methods = {
             name: source if isinstance(source, NeuronSource) else NeuronSource(**source)
@@ -165,7 +159,7 @@ class InterventionModule(BaseTask):
         self.random_control = random_control
         self.cross_lingual = cross_lingual
         self.seed = seed
-        self.batch_rows = batch_rows
+        self.chunk_rows = chunk_rows
         self.output_dir = output_dir
         self.rows = InterventionRows()
         self.files: dict[str, NeuronFile] = {}
@@ -186,13 +180,13 @@ class InterventionModule(BaseTask):
         """Reads and validates every neuron file against the loaded model."""
         by_path: dict[str, NeuronFile] = {}
         for name, source in self.methods.items():
-            if source.path not in by_path:
-                by_path[source.path] = read_neuron_file(source.path, self.lm.num_layers, self.lm.d_ff)
-            self.files[name] = by_path[source.path]
+            if source.neurons not in by_path:
+                by_path[source.neurons] = read_neuron_file(source.neurons, self.lm.num_layers, self.lm.d_ff)
+            self.files[name] = by_path[source.neurons]
             if self.files[name].model != self.model_name:
                 log.warning(
                     "method %s: %s was selected on %r, testing on %r (same shape)",
-                    name, source.path, self.files[name].model, self.model_name,
+                    name, source.neurons, self.files[name].model, self.model_name,
                 )  # fmt: skip
 
     def _pool(self) -> list[Item]:
@@ -241,9 +235,9 @@ class InterventionModule(BaseTask):
         for name, facts in covered.items():
             if not facts:
                 log.warning("method %s: %s has neurons for none of the %d tested facts", name,
-                            self.methods[name].path, len(tested))  # fmt: skip
+                            self.methods[name].neurons, len(tested))  # fmt: skip
         if not any(covered.values()):
-            files = ", ".join(sorted({source.path for source in self.methods.values()}))
+            files = ", ".join(sorted({source.neurons for source in self.methods.values()}))
             example = sorted(tested)[0]
             raise ConfigError(
                 f"no tested fact has neurons in the neuron files ({files}): the {len(tested)} facts of the test "
@@ -315,8 +309,8 @@ class InterventionModule(BaseTask):
             fact = self.files[name].facts.get(uuid)
             if fact is None:
                 continue
-            own = fact.neurons(source.neurons, language)
-            if source.neurons == "language":
+            own = fact.neurons(source.kind, language)
+            if source.kind == "language":
                 union = list(
                     dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang])
                 )
@@ -329,14 +323,14 @@ class InterventionModule(BaseTask):
                     continue
                 kinds = [selected]
                 if self.random_control:
-                    scope = "all" if op_name == "erase" or source.neurons != "language" else language
+                    scope = "all" if op_name == "erase" or source.kind != "language" else language
                     kinds.append(self._random(uuid, scope, selected))
                 for kind, neurons in enumerate(kinds):
                     rows.append(_Row(0, m, kind, op, RELATED, -1, neurons, factors[op_name]))
                     for q, other in enumerate(unrelated, start=1):
                         oid = self._item_id[self.item_key(other)]
                         rows.append(_Row(q, m, kind, op, UNRELATED, oid, neurons, factors[op_name]))
-            if self.cross_lingual and source.neurons == "language" and own:
+            if self.cross_lingual and source.kind == "language" and own:
                 for source_language in sorted(fact.languages):
                     if source_language != language and fact.languages[source_language]:
                         lid = self.vocab.languages.index(source_language)
@@ -360,7 +354,7 @@ class InterventionModule(BaseTask):
             queries, rows = self.plan(item)
             encoded = [self._encode(q) for q in queries]
             outcome = intervene(
-                self.lm, [(encoded[r.query], r.neurons, r.factor) for r in rows], batch_rows=self.batch_rows
+                self.lm, [(encoded[r.query], r.neurons, r.factor) for r in rows], chunk_rows=self.chunk_rows
             )
             lp, top1 = outcome.log_prob.tolist(), outcome.top1.tolist()
             # The first rows are the clean ones, one per query in query order: lp[q] is query q's clean value.
@@ -386,11 +380,11 @@ class InterventionModule(BaseTask):
         self.rows.reset()
         results = summarise(index, value, self.vocab)
         tested = {self.vocab.items[i][0] for i in index[index[:, ROLE] == CLEAN][:, ITEM].tolist()}
-        by_path = {source.path: name for name, source in reversed(list(self.methods.items()))}
+        by_path = {source.neurons: name for name, source in reversed(list(self.methods.items()))}
         results["jaccard"] = [
             row
             for name, source in self.methods.items()
-            if source.neurons == "language"
+            if source.kind == "language"
             for row in jaccard_table(name, self.files[name], tested)
         ]
         results["layers"] = [
