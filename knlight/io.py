@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +179,58 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, write)
 
 
+def json_safe(value: Any) -> Any:
+    """A JSON-ready copy of a value: NaN and infinities become null (valid JSON), recursively.
+
+    Args:
+        value: Floats, dicts, lists and tuples (tuples become lists) are converted; anything else is kept.
+    """
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text of flat dict rows: the columns of the first row, floats by ``repr`` (NaN as ``nan``).
+
+    Args:
+        rows: The rows (no rows: empty text).
+    """
+    out = StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    return out.getvalue()
+
+
 def short_hash(value: Any) -> str:
     """16 hex digits of the SHA-256 of a JSON-serialisable value (canonical JSON: sorted keys, no spaces)."""
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Write text lines (each ending with a newline) atomically."""
+    write_text_atomically(path, "".join(line + "\n" for line in lines))
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file (a missing file has none)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

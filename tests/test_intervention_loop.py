@@ -198,28 +198,20 @@ def test_no_methods_is_a_clear_error() -> None:
 
 
 def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
-    module = intervention_task.InterventionModule(
-        LMOptions("tiny:gpt2"), methods={"a": {"neurons": "x"}}, seed=3
-    )
+    from knlight.neurons.intervention_plan import ItemPool
+
     facts = {"F1": "P36", "F2": "P36", "F3": "P37"}
     items = [{"uuid": u, "language": g, "query_id": q, "relation": r, "query": "x [Y]", "answer": "y"}
              for u, r in facts.items() for g in ("en", "de") for q in range(4)]  # fmt: skip
-    module._by_language = {g: [i for i in items if i["language"] == g] for g in ("en", "de")}
-    module._same_fact = {(u, g): 4 for u in facts for g in ("en", "de")}
-    module._by_relation = {(g, r): [i for i in items if (i["language"], i["relation"]) == (g, r)]
-                           for g in ("en", "de") for r in ("P36", "P37")}  # fmt: skip
-    module.unrelated_per_query = 5
-    sample = module.unrelated_items(items[0])
+    pool = ItemPool(items)
+    sample = pool.unrelated(items[0], 5, "any", seed=3)
     assert len(sample) == 5 and all(i["uuid"] != "F1" and i["language"] == "en" for i in sample)
-    assert module.unrelated_items(items[0]) == sample
-    module.unrelated_per_query = 50
-    assert len(module.unrelated_items(items[0])) == 8  # every other fact's query in that language
-    module.unrelated_relations = "same"
-    assert {i["uuid"] for i in module.unrelated_items(items[0])} == {"F2"}
-    module.unrelated_relations = "other"
-    assert {i["uuid"] for i in module.unrelated_items(items[0])} == {"F3"}
-    module.unrelated_per_query = 3
-    assert len(module.unrelated_items(items[0])) == 3
+    assert pool.unrelated(items[0], 5, "any", seed=3) == sample
+    assert pool.unrelated(items[0], 5, "any", seed=4) != sample
+    assert len(pool.unrelated(items[0], 50, "any", seed=3)) == 8  # every other fact's query in that language
+    assert {i["uuid"] for i in pool.unrelated(items[0], 50, "same", seed=3)} == {"F2"}
+    assert {i["uuid"] for i in pool.unrelated(items[0], 50, "other", seed=3)} == {"F3"}
+    assert len(pool.unrelated(items[0], 3, "other", seed=3)) == 3
     with pytest.raises(ValueError, match="choose any, same or other"):
         intervention_task.InterventionModule(
             LMOptions("tiny:gpt2"), methods={"a": {"neurons": "x"}}, unrelated_relations="all"

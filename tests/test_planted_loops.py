@@ -22,7 +22,7 @@ from knlight.neurons.interventions import answer_log_probs
 from knlight.neurons.neuron_file import read_neuron_file
 from knlight.planted import PlantedModel, plant
 from knlight.planted.planter import build_model
-from knlight.select import DknOptions, LiknOptions, run_selection
+from knlight.selection import DknOptions, LiknOptions, run_selection
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(

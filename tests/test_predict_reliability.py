@@ -22,14 +22,14 @@ import pytest
 from conftest import FIXTURE
 
 from knlight import load_lm
-from knlight.callbacks.run_folder import RunFolderError
 from knlight.cli import main
 from knlight.data.datamodule import RMLLamaDataModule
 from knlight.errors import DataError
 from knlight.lm.options import LMOptions
 from knlight.neurons.ig import IGOptions
-from knlight.select import SelectionError, UncertaintyOptions, run_selection
-from knlight.select import main as select_main
+from knlight.runfolder import RunFolderError
+from knlight.select import main as select_main  # the python -m alias
+from knlight.selection import SelectionError, UncertaintyOptions, run_selection
 from knlight.tasks import AttributionModule
 from knlight.tasks.attribution import input_hash
 

@@ -25,13 +25,13 @@ from knlight.neurons.selection import (
     top_k_mask,
     uncertainty_scores,
 )
-from knlight.select import (
+from knlight.select import main  # the python -m alias of knlight select
+from knlight.selection import (
     DknOptions,
     KnOptions,
     LiknOptions,
     SelectionError,
     UncertaintyOptions,
-    main,
     run_selection,
 )
 

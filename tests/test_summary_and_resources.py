@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import REPO
 
 from knlight.data import read_records
-from knlight.summary import summarize
+from knlight.selection.summary import summarize
 
 QUICKSTART = REPO / "knlight" / "resources" / "quickstart.jsonl"
 

@@ -2,7 +2,7 @@
 
 Output directory layout::
 
-    .lock                     held (flock) by the run writing here; names it (see knlight.callbacks.run_folder)
+    .lock                     held (flock) by the run writing here; names it (see knlight.runfolder)
     run.json                  what produced the results (task hyperparameters, writer settings, model
                               identity) and, after the merge, a record of the complete results
     shards/a003-r0001-b000000042.jsonl        one file per (attempt, rank, dataloader + batch), atomic
@@ -29,7 +29,7 @@ An item counts as done only when its stored ``input_hash`` and ``model_hash`` eq
 Shard names carry an attempt number, so a new run never overwrites an earlier run's shards. A run whose
 results would differ (other model, steps, thresholds, ...; see ``run.json``), a folder without ``run.json``,
 a folder whose results were computed from other query texts, and a folder another run is writing into are
-refused instead of mixed in (:mod:`knlight.callbacks.run_folder`).
+refused instead of mixed in (:mod:`knlight.runfolder`).
 """
 
 from __future__ import annotations
@@ -38,95 +38,44 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from knlight.callbacks.run_folder import (
+from knlight.errors import DataError
+from knlight.io import read_lines, write_atomically, write_lines_atomically, write_text_atomically
+from knlight.runfolder.format import (
     MERGED,
     RUN,
     SCORES,
     SHARD,
-    START_OVER,
     SUMMARY,
-    DoneItem,
-    FolderLock,
     RunFolderError,
+    item_line,
+    line_key,
+    shard_files,
+    tensor_key,
+)
+from knlight.runfolder.lock import FolderLock
+from knlight.runfolder.records import (
+    DoneItem,
     check_inputs,
     check_settings,
     read_done,
     read_run_file,
     results_record,
     run_file_text,
-    shard_files,
 )
-from knlight.errors import DataError
-from knlight.io import write_atomically, write_text_atomically
-from knlight.tasks.attribution import AttributionModule
-from knlight.tasks.base import BaseTask
+from knlight.runfolder.scores import item_tensors, merge_scores, score_format
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MERGED", "RUN", "SCORES", "SUMMARY", "AttributionWriter", "item_line", "tensor_key"]
-
-
-def short_float(value: float) -> float | None:
-    """The shortest decimal that round-trips ``value`` as float32 (None for NaN, so the JSON stays valid)."""
-    value32 = np.float32(value)
-    return None if np.isnan(value32) else float(str(value32))
-
-
-def item_line(prediction: dict[str, Any]) -> str:
-    """One JSONL line for one predicted item (dense scores are not part of it)."""
-    record = {
-        "uuid": prediction["uuid"],
-        "language": prediction["language"],
-        "relation": prediction.get("relation"),
-        "query_id": prediction["query_id"],
-        "query": prediction["query"],
-        "answer": prediction["answer"],
-        "prob": short_float(prediction["prob"]),
-        "neurons": [
-            [int(layer), int(index), short_float(score)] for layer, index, score in prediction["neurons"]
-        ],
-        "residual": [None if r is None else short_float(r) for r in prediction["residual"]],
-        "layer_mass": [short_float(m) for m in prediction["layer_mass"]],
-    }
-    for name in ("input_hash", "model_hash"):
-        if name in prediction:
-            record[name] = prediction[name]
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
-def line_key(line: str) -> tuple[Any, ...]:
-    """``(uuid, language, query_id)`` of a JSONL line."""
-    record = json.loads(line)
-    return (record["uuid"], record["language"], record["query_id"])
-
-
-def tensor_key(key: Sequence[Any]) -> str:
-    """Name of an item's tensors in the scores file: its key as a JSON list, e.g. ``["Q90","fr",0]``."""
-    return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
-
-
-def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Write text lines (each ending with a newline) atomically."""
-    write_text_atomically(path, "".join(line + "\n" for line in lines))
-
-
-def read_lines(path: Path) -> list[str]:
-    """Non-empty lines of a text file (a missing file has none)."""
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\n") for line in handle if line.strip()]
 
 
 def _dataset_items(trainer: pl.Trainer) -> Iterator[dict[str, Any]]:
@@ -266,7 +215,7 @@ class AttributionWriter(BasePredictionWriter):
             previous = read_run_file(self.dir)
             write_text_atomically(self.dir / RUN, run_file_text(current, previous))
             done = self._done_items
-            if isinstance(pl_module, AttributionModule):
+            if hasattr(pl_module, "input_hash"):  # a task whose results record their inputs
                 check_inputs(
                     self.dir, done, _dataset_items(trainer), pl_module.item_key, pl_module.input_hash,
                     current["model"].get("hash"),
@@ -278,9 +227,9 @@ class AttributionWriter(BasePredictionWriter):
         self.attempt = trainer.strategy.broadcast(found["attempt"])
         done_inputs: dict[tuple[Any, ...], str | None] = trainer.strategy.broadcast(found["done"])
         self.previously_done = set(done_inputs)
-        if isinstance(pl_module, BaseTask):
+        if hasattr(pl_module, "done_keys"):  # a task that skips the items done before
             pl_module.done_keys = set(self.previously_done)
-        if isinstance(pl_module, AttributionModule):
+        if hasattr(pl_module, "done_inputs"):
             pl_module.done_inputs = {k: v for k, v in done_inputs.items() if v is not None}
         if self.previously_done and trainer.is_global_zero:
             log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))
@@ -313,7 +262,7 @@ class AttributionWriter(BasePredictionWriter):
         }
         if with_model:
             identity = {}
-            if isinstance(pl_module, BaseTask):
+            if hasattr(pl_module, "model_identity"):
                 identity = {**pl_module.model_identity(), "hash": pl_module.model_hash()}
             fingerprint["model"] = identity
         return _jsonable(fingerprint)
@@ -357,18 +306,10 @@ class AttributionWriter(BasePredictionWriter):
         write_lines_atomically(self.shard_dir / f"{name}.jsonl", [item_line(p) for p in prediction])
 
     def _score_format(self) -> str:
-        return "dense" if self.scores_top_k is None else f"top_{self.scores_top_k}"
+        return score_format(self.scores_top_k)
 
     def _item_tensors(self, prediction: dict[str, Any]) -> dict[str, torch.Tensor]:
-        key = tensor_key((prediction["uuid"], prediction["language"], prediction["query_id"]))
-        scores = prediction["scores"].detach().float().cpu()
-        if self.scores_top_k is None:
-            return {f"{key}/scores": scores.contiguous()}
-        k = min(self.scores_top_k, scores.numel())
-        order = torch.argsort(scores.flatten(), descending=True, stable=True)[:k]
-        layers = torch.tensor(prediction["layers"])[order // scores.shape[1]]
-        index = torch.stack([layers, order % scores.shape[1]], dim=1)
-        return {f"{key}/index": index.contiguous(), f"{key}/score": scores.flatten()[order].contiguous()}
+        return item_tensors(prediction, self.scores_top_k)
 
     # -- end (all ranks; rank 0 merges) ----------------------------------------------------------------------
 
@@ -440,26 +381,4 @@ class AttributionWriter(BasePredictionWriter):
 
     def _merge_scores(self, shards: list[Path], wanted: set[str]) -> None:
         assert self.dir is not None
-        tensors: dict[str, torch.Tensor] = {}
-        metadata: dict[str, str] = {}
-        sources = [self.dir / SCORES] + [s.with_suffix(".safetensors") for s in shards]
-        for source in sources:
-            if not source.is_file():
-                continue
-            try:
-                with safe_open(str(source), framework="pt") as handle:
-                    metadata = metadata or dict(handle.metadata() or {})
-                    for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        if name.rsplit("/", 1)[0] in wanted and name not in tensors:
-                            tensors[name] = handle.get_tensor(name)
-            except (SafetensorError, OSError) as error:
-                remedy = (
-                    f"delete it and {source.with_suffix('.jsonl').name} beside it (their items are computed "
-                    "again) and re-run"
-                    if source.parent == self.shard_dir
-                    else f"the scores of the items merged so far are lost: {START_OVER}"
-                )
-                raise RunFolderError(
-                    f"cannot merge the scores: {source} is damaged ({type(error).__name__}: {error}); {remedy}"
-                ) from None
-        write_atomically(self.dir / SCORES, lambda t: save_file(dict(sorted(tensors.items())), t, metadata))
+        merge_scores(self.dir, [s.with_suffix(".safetensors") for s in shards], wanted)

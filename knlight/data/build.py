@@ -17,10 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from knlight.data.pipeline import BuildOptions, BuildReport, Draft, assemble_records
+from knlight.data.assemble import assemble_records
+from knlight.data.lama import read_mlama, read_pararel
+from knlight.data.pipeline import BuildOptions, BuildReport, Draft
 from knlight.data.precursor import read_rml_precursor
 from knlight.data.records import FactRecord, write_records
-from knlight.data.sources import read_mlama, read_mpararel, read_pararel
+from knlight.data.sources import read_mpararel
 from knlight.errors import DataError
 
 logger = logging.getLogger(__name__)

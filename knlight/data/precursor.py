@@ -34,7 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from knlight.data.pipeline import BuildOptions, BuildReport, Draft, fill_label_keys, select_names
+from knlight.data.assemble import fill_label_keys
+from knlight.data.pipeline import BuildOptions, BuildReport, Draft, select_names
 from knlight.data.records import SLOT
 from knlight.errors import DataError
 from knlight.io import iter_jsonl, read_json, require_dir

@@ -31,18 +31,22 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from knlight.neurons.intervention_plan import (
+    CLEAN,
+    CROSS,
+    KINDS,
+    LIKN_SOURCE,
+    OPERATIONS,
+    RELATED,
+    SKIPPED,
+    UNRELATED,
+)
 from knlight.neurons.neuron_file import NeuronFile
 
 # Columns of the index and value tensors.
 ITEM, METHOD, KIND, OP, ROLE, OTHER = range(6)
 LP_BEFORE, LP_AFTER, TOP1_BEFORE, TOP1_AFTER, NEURONS = range(5)
 INDEX_COLUMNS, VALUE_COLUMNS = 6, 5
-
-KINDS: tuple[str, ...] = ("selected", "random")
-OPERATIONS: tuple[str, ...] = ("suppress", "enhance", "erase")
-CLEAN, RELATED, UNRELATED, CROSS, SKIPPED = range(5)
-LIKN_SOURCE = -1
-"""``other`` of a cross-lingual row whose neurons are the fact's LIKN rather than one language's neurons."""
 
 
 class InterventionRows(Metric):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from knlight.lm.hooks import capture_activations, edit_activations
-from knlight.neurons.ig import CleanPass, Problems, objective_value
+from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
 
 if TYPE_CHECKING:
     from knlight.neurons.fast_engine import FastEngine
@@ -28,10 +28,6 @@ def make_engine(name: str, lm: Any, chunk_rows: int | None = None) -> ReferenceE
 
         return FastEngine(lm, chunk_rows=chunk_rows)
     raise ValueError(f"unknown engine {name!r}; choose 'fast' or 'reference'")
-
-
-def gold_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 class ReferenceEngine:

@@ -34,8 +34,7 @@ from knlight.lm.upstream import (
     last_hidden_state,
     upstream_error,
 )
-from knlight.neurons.engines import gold_log_probs
-from knlight.neurons.ig import CleanPass, Problems, objective_value
+from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
 
 
 def _map_tensors(obj: Any, fn: Any) -> Any:

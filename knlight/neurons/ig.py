@@ -157,3 +157,7 @@ class IGOptions:
             engine=self.engine,
             chunk_rows=self.chunk_rows,
         )
+
+
+def gold_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]

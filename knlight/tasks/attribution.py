@@ -151,7 +151,7 @@ class AttributionModule(BaseTask):
             return False
         recorded = self.done_inputs.get(key)
         if recorded is not None and recorded != self.input_hash(item):
-            from knlight.callbacks.run_folder import RunFolderError
+            from knlight.runfolder import RunFolderError
 
             raise RunFolderError(
                 f"item uuid={item['uuid']!r} language={item['language']!r} query_id={item['query_id']!r}: the "

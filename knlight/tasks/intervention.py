@@ -22,14 +22,10 @@ TensorBoard.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
-import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,20 +34,16 @@ import torch
 from lightning.pytorch import Callback
 
 from knlight.errors import ConfigError
-from knlight.io import write_text_atomically
+from knlight.io import csv_text, json_safe, write_text_atomically
 from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.metrics.intervention import (
     CLEAN,
-    CROSS,
     INDEX_COLUMNS,
     ITEM,
-    LIKN_SOURCE,
     OPERATIONS,
-    RELATED,
     ROLE,
     SKIPPED,
-    UNRELATED,
     VALUE_COLUMNS,
     InterventionRows,
     Vocabulary,
@@ -59,7 +51,8 @@ from knlight.metrics.intervention import (
     layer_distribution,
     summarise,
 )
-from knlight.neurons.interventions import Neuron, intervene, random_like
+from knlight.neurons.intervention_plan import ItemPool, PlanOptions, Row, plan_item
+from knlight.neurons.interventions import intervene
 from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
 from knlight.tasks.base import BaseTask, ItemKey
 
@@ -81,18 +74,6 @@ class NeuronSource:
 
     neurons: str
     kind: Literal["language", "language_independent", "uncertainty", "degenerate"] = "language"
-
-
-@dataclass
-class _Row:
-    query: int  # index into the plan's queries (0 = the related item)
-    method: int
-    kind: int
-    op: int
-    role: int
-    other: int
-    neurons: list[Neuron]
-    factor: float
 
 
 class InterventionModule(BaseTask):
@@ -166,10 +147,7 @@ class InterventionModule(BaseTask):
         self.vocab: Vocabulary | None = None
         self.results: dict[str, Any] | None = None
         self.out_dir: Path | None = None
-        self._item_id: dict[ItemKey, int] = {}
-        self._by_language: dict[str, list[Item]] = {}
-        self._same_fact: dict[tuple[str, str], int] = {}
-        self._by_relation: dict[tuple[str, str | None], list[Item]] = {}
+        self.pool: ItemPool | None = None
         self._encoded: dict[ItemKey, EncodedQuery] = {}
         self._started = 0.0
 
@@ -201,15 +179,8 @@ class InterventionModule(BaseTask):
     def on_test_start(self) -> None:
         """Builds the item vocabulary (the same on every process) and resolves the output directory."""
         self._started = time.perf_counter()
-        pool = sorted(self._pool(), key=self.item_key)
-        self._item_id = {self.item_key(item): i for i, item in enumerate(pool)}
-        self._by_language = defaultdict(list)
-        self._same_fact = defaultdict(int)
-        self._by_relation = defaultdict(list)
-        for item in pool:
-            self._by_language[item["language"]].append(item)
-            self._same_fact[(item["uuid"], item["language"])] += 1
-            self._by_relation[(item["language"], item.get("relation"))].append(item)
+        self.pool = ItemPool(self._pool())
+        pool = self.pool.items
         languages = sorted(
             {item["language"] for item in pool} | {g for f in self.files.values() for g in f.languages()}
         )
@@ -261,90 +232,25 @@ class InterventionModule(BaseTask):
                 ) from error
         return self._encoded[key]
 
-    def unrelated_items(self, item: Item) -> list[Item]:
-        """The seeded sample of other facts' queries in the item's language (depends only on the item).
+    def plan_options(self) -> PlanOptions:
+        """The options the rows of each item are planned with."""
+        return PlanOptions(
+            tuple(self.operations), self.enhance_factor, self.unrelated_per_query, self.unrelated_relations,
+            self.random_control, self.cross_lingual, self.seed,
+        )  # fmt: skip
 
-        Drawn from every fact, the same relation or the other relations (``unrelated_relations``); fewer than
-        ``unrelated_per_query`` when fewer exist.
-        """
-        language, relation = item["language"], item.get("relation")
-        same_fact = self._same_fact[(item["uuid"], language)]
-        same_relation = self._by_relation.get((language, relation), [])
-        if self.unrelated_relations == "same":
-            candidates, available = same_relation, len(same_relation) - same_fact
-        else:
-            candidates = self._by_language.get(language, [])
-            other = len(candidates) - len(same_relation)
-            available = other if self.unrelated_relations == "other" else len(candidates) - same_fact
-        wanted = min(self.unrelated_per_query, available)
-        rng = random.Random(f"{self.seed}/unrelated/{item['uuid']}/{item['language']}/{item['query_id']}")
-        chosen: list[Item] = []
-        seen: set[int] = set()
-        while len(chosen) < wanted:
-            k = rng.randrange(len(candidates))
-            if k in seen:
-                continue
-            seen.add(k)
-            other_relation = candidates[k].get("relation") != relation
-            if candidates[k]["uuid"] != item["uuid"] and (
-                self.unrelated_relations != "other" or other_relation
-            ):
-                chosen.append(candidates[k])
-        return sorted(chosen, key=self.item_key)
-
-    def _random(self, uuid: str, scope: str, neurons: list[Neuron]) -> list[Neuron]:
-        """The random control of a set: seeded by the fact and scope only, so equal sets get equal "
-        "controls."""
-        return random_like(neurons, self.lm.d_ff, f"{self.seed}/random/{uuid}/{scope}/{sorted(neurons)}")
-
-    def plan(self, item: Item) -> tuple[list[Item], list[_Row]]:
+    def plan(self, item: Item) -> tuple[list[Item], list[Row]]:
         """The queries (item first, then its unrelated sample) and the rows to evaluate for one item."""
-        assert self.vocab is not None
-        uuid, language = item["uuid"], item["language"]
-        unrelated = self.unrelated_items(item)
-        queries = [item, *unrelated]
-        rows = [_Row(q, -1, -1, -1, CLEAN, -1, [], 1.0) for q in range(len(queries))]
-        factors = {"suppress": 0.0, "enhance": self.enhance_factor, "erase": 0.0}
-        for m, (name, source) in enumerate(self.methods.items()):
-            fact = self.files[name].facts.get(uuid)
-            if fact is None:
-                continue
-            own = fact.neurons(source.kind, language)
-            if source.kind == "language":
-                union = list(
-                    dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang])
-                )
-            else:
-                union = own
-            for op_name in self.operations:
-                op = OPERATIONS.index(op_name)
-                selected = union if op_name == "erase" else own
-                if not selected:
-                    continue
-                kinds = [selected]
-                if self.random_control:
-                    scope = "all" if op_name == "erase" or source.kind != "language" else language
-                    kinds.append(self._random(uuid, scope, selected))
-                for kind, neurons in enumerate(kinds):
-                    rows.append(_Row(0, m, kind, op, RELATED, -1, neurons, factors[op_name]))
-                    for q, other in enumerate(unrelated, start=1):
-                        oid = self._item_id[self.item_key(other)]
-                        rows.append(_Row(q, m, kind, op, UNRELATED, oid, neurons, factors[op_name]))
-            if self.cross_lingual and source.kind == "language" and own:
-                for source_language in sorted(fact.languages):
-                    if source_language != language and fact.languages[source_language]:
-                        lid = self.vocab.languages.index(source_language)
-                        rows.append(_Row(0, m, 0, 0, CROSS, lid, list(fact.languages[source_language]), 0.0))
-                if fact.language_independent:
-                    rows.append(_Row(0, m, 0, 0, CROSS, LIKN_SOURCE, list(fact.language_independent), 0.0))
-        return queries, rows
+        assert self.vocab is not None and self.pool is not None
+        methods = {name: (self.files[name], source.kind) for name, source in self.methods.items()}
+        return plan_item(item, self.pool, methods, self.plan_options(), self.vocab.languages, self.lm.d_ff)
 
     def test_step(self, batch: list[Item], batch_idx: int = 0, dataloader_idx: int = 0) -> None:
         """Evaluates every item of the batch (each in its own forwards) and adds its rows to the metric."""
         index: list[list[int]] = []
         value: list[list[float]] = []
         for item in batch:
-            iid = self._item_id.get(self.item_key(item))
+            iid = self.pool.ids.get(self.item_key(item)) if self.pool is not None else None
             if iid is None:
                 raise RuntimeError(f"item {self.item_key(item)} is not among the data module's items('all')")
             if not any(item["uuid"] in f.facts for f in self.files.values()):
@@ -424,7 +330,7 @@ class InterventionModule(BaseTask):
         assert self.out_dir is not None
         for name in ("intervention", "success_rate", "cross_lingual", "jaccard", "facts", "layers"):
             write_text_atomically(self.out_dir / f"{name}.csv", csv_text(results[name]))
-        document = {"settings": self.settings(), **{k: _json_safe(v) for k, v in results.items()}}
+        document = {"settings": self.settings(), **{k: json_safe(v) for k, v in results.items()}}
         write_text_atomically(
             self.out_dir / "intervention.json", json.dumps(document, indent=1, ensure_ascii=False) + "\n"
         )
@@ -434,7 +340,7 @@ class InterventionModule(BaseTask):
             "world_size": self.trainer.world_size,
             **results["counts"][0],
         }
-        write_text_atomically(self.out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        write_text_atomically(self.out_dir / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
         log.info("intervention tables written to %s (%.1f s)", self.out_dir, seconds)
 
     def configure_callbacks(self) -> list[Callback]:
@@ -443,23 +349,3 @@ class InterventionModule(BaseTask):
 
         present = self._trainer.callbacks if self._trainer is not None else []  # type: ignore[attr-defined]
         return [] if any(isinstance(c, InterventionFigures) for c in present) else [InterventionFigures()]
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    """CSV of flat dict rows (columns of the first row; NaN written as ``nan``)."""
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-    return out.getvalue()

@@ -1,0 +1,68 @@
+"""Selection at the end of ``knlight predict``: the common pipeline in one command.
+
+Add :class:`SelectNeurons` after the :class:`~knlight.callbacks.AttributionWriter` in a predict config; when
+the predict loop ends (and the writer has merged every rank's shards), rank 0 runs the selection step
+(:func:`knlight.selection.run_selection`'s options) on the merged output and writes the neuron file, reusing
+the loaded model for the DKN search. ``knlight select`` does the same from the folder afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+
+from knlight.callbacks.writer import AttributionWriter
+from knlight.selection.options import DknOptions, KnOptions, LiknOptions, UncertaintyOptions
+from knlight.selection.reader import read_attributions
+from knlight.selection.run import select_run
+
+log = logging.getLogger(__name__)
+
+
+class SelectNeurons(pl.Callback):
+    """Runs the selection step on the predict run's merged output and writes a neuron file.
+
+    Args:
+        output: Where to write the neuron file (default: ``neurons.json`` in the writer's output folder).
+        languages: Use only these languages (default: every language of the run).
+        kn: Per-language knowledge neurons (coarse τ, prompt sharing p, adaptive p).
+        likn: Language-independent neurons.
+        uncertainty: Uncertainty-aware aggregation (needs the writer's ``save_scores``).
+        dkn: Degenerate neurons (the search runs on the already loaded model).
+    """
+
+    def __init__(
+        self,
+        output: str | None = None,
+        languages: list[str] | None = None,
+        kn: KnOptions = KnOptions(),
+        likn: LiknOptions = LiknOptions(),
+        uncertainty: UncertaintyOptions = UncertaintyOptions(),
+        dkn: DknOptions = DknOptions(),
+    ) -> None:
+        super().__init__()
+        self.output = output
+        self.languages = languages
+        self.kn, self.likn, self.uncertainty, self.dkn = kn, likn, uncertainty, dkn
+        self.path: str | None = None
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writers = [c for c in trainer.callbacks if isinstance(c, AttributionWriter)]  # type: ignore[attr-defined]
+        if not writers:
+            raise RuntimeError(
+                "SelectNeurons needs an AttributionWriter among the callbacks (it reads its output)"
+            )
+        writer = writers[0]
+        writer.finalize(trainer)  # every rank waits for the merge (idempotent)
+        if not trainer.is_global_zero:
+            return
+        assert writer.dir is not None
+        run = read_attributions(writer.dir)
+        output = self.output or str(writer.dir / "neurons.json")
+        model_name = run.hparams.get("model") or getattr(pl_module, "model_name", "")
+        lm = getattr(pl_module, "lm", None) if self.dkn.enabled else None
+        select_run(run, output, model_name, lm, languages=self.languages, kn=self.kn, likn=self.likn,
+                   uncertainty=self.uncertainty, dkn=self.dkn)  # fmt: skip
+        self.path = output
+        log.info("neuron file written: %s", output)
