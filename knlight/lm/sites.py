@@ -3,7 +3,8 @@
 A knowledge neuron is coordinate ``i`` of the FFN activation ``h_l`` of layer ``l``: the *input* of the FFN output
 projection (post-activation; for gated MLPs ``act(gate) * up``). This module maps a Hugging Face model onto that
 definition: the transformer blocks, each block's output projection (whose input is ``h_l``), the input
-projections whose rows belong to a neuron, the final norm and the LM head. Pure torch, no Lightning.
+projections whose rows belong to a neuron, the final norm and the LM head; and the layout of a neuron's weight
+slices (:func:`neuron_rows`, :func:`neuron_columns`: ``nn.Linear`` vs GPT-2 ``Conv1D``). Pure torch, no Lightning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from knlight.errors import KnlightError
@@ -181,3 +183,39 @@ def resolve_sites(model: nn.Module) -> NeuronSites:
     head = _first(model, spec.head, "LM head", model_type)
     softcap = getattr(config, "final_logit_softcapping", None)
     return NeuronSites(spec, blocks, out_projs, in_projs, final_norm, head, softcap)
+
+
+# -- the weight slices of a neuron ----------------------------------------------------------------------------
+# nn.Linear stores [out, in], GPT-2's Conv1D [in, out]; these functions are the one place that knows it.
+
+
+def in_neuron_axis(conv1d: bool) -> int:
+    """The axis of an FFN input projection's stored weight that indexes neurons (1 for ``Conv1D``, else 0).
+
+    The bias of an input projection is indexed by neuron on its only axis.
+    """
+    return 1 if conv1d else 0
+
+
+def out_neuron_axis(conv1d: bool) -> int:
+    """The axis of the FFN output projection's stored weight that indexes neurons (0 for ``Conv1D``, else 1)."""
+    return 0 if conv1d else 1
+
+
+def neuron_rows(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    """A ``[d_ff, d_model]`` view of an FFN input projection's weight: row ``i`` is neuron ``i``'s input row.
+
+    A view, not a copy: writing into it writes the weight.
+    """
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    return weight.T if conv1d else weight
+
+
+def neuron_columns(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    """A ``[d_model, d_ff]`` view of the FFN output projection's weight: column ``i`` is neuron ``i``'s output
+    column (what ``h_l[i]`` is multiplied with).
+
+    A view, not a copy: writing into it writes the weight.
+    """
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    return weight.T if conv1d else weight
