@@ -329,13 +329,15 @@ def test_command_line_reports_bad_input_without_traceback(
 
 def test_fixture_is_reproduced_by_the_documented_command(tmp_path: Path) -> None:
     readme = (FIXTURE.parent / "README.md").read_text(encoding="utf-8")
-    command = next(line.strip() for line in readme.splitlines() if "knlight.data.build mpararel" in line)
-    arguments = command.split("knlight.data.build", 1)[1].split()
+    command = next(line.strip() for line in readme.splitlines() if "knlight data build mpararel" in line)
+    arguments = command.split("knlight data build", 1)[1].split()
     arguments = [
         str(tmp_path / "again.jsonl") if arg == "tests/fixtures/rml_small.jsonl" else arg for arg in arguments
     ]
     arguments = [str(MPARAREL) if arg == "../shared/data/mpararel" else arg for arg in arguments]
-    assert main(arguments) == 0
+    from knlight.cli import main as knlight_main
+
+    knlight_main(["data", "build", *arguments])
     assert (tmp_path / "again.jsonl").read_text(encoding="utf-8") == FIXTURE.read_text(encoding="utf-8")
 
 
@@ -354,7 +356,7 @@ def test_the_readme_mpararel_figures_are_what_the_build_gives() -> None:
     )
     assert summary, "the README quotes the default mParaRel build"
     facts, n_languages, relations, queries = (_readme_number(g) for g in summary.groups())
-    command = readme[readme.rindex("knlight.data.build mpararel", 0, summary.start()) : summary.start()]
+    command = readme[readme.rindex("knlight data build mpararel", 0, summary.start()) : summary.start()]
     languages = re.search(r"--languages\s+([\w,-]+)", command)
     assert languages
     wanted = languages.group(1).split(",")

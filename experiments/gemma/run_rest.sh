@@ -22,9 +22,9 @@ wants() { [[ " ${STEPS:-$ALL} " == *" $1 "* ]]; }
 for baseline in zero amig; do  # strict LIKN (all 4 languages), and LIKN in >= 3 of 4
   if wants select-$baseline; then
     attributions=$G/runs/localize-$baseline/attributions
-    timed select-$baseline python -m knlight.select --attributions $attributions \
+    timed select-$baseline knlight select --attributions $attributions \
       --output $R/neurons-$baseline.json --uncertainty.enabled true
-    timed select-$baseline-likn3 python -m knlight.select --attributions $attributions \
+    timed select-$baseline-likn3 knlight select --attributions $attributions \
       --output $R/neurons-$baseline-likn3.json --uncertainty.enabled true --likn.min_languages 3
     cp $attributions/summary.json $R/localize-$baseline-summary.json
   fi
