@@ -19,7 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight.errors import KnlightError
-from knlight.resume import resolve_fit
+from knlight.callbacks.fit_resume import resolve_fit
 from knlight.tasks.base import BaseTask
 
 

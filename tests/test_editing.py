@@ -13,9 +13,10 @@ from knlight import load_lm
 from knlight.cli import main
 from knlight.data.records import read_records
 from knlight.editing.options import EditRequests, EditTraining
+from knlight.editing.rules import parse_rule, rule_neurons
 from knlight.lm.options import LMOptions
 from knlight.neurons.edits import NeuronEdit
-from knlight.tasks.editing import EditingModule, parse_rule, rule_neurons
+from knlight.tasks.editing import EditingModule
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "rml_small.jsonl"

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from test_editing import UUIDS, fit_args, run_dir, table, write_neurons
 
 from knlight import load_lm
+from knlight.callbacks.fit_resume import FitResumeError
 from knlight.cli import main
-from knlight.resume import FitResumeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

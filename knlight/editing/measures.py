@@ -16,11 +16,16 @@ A row is one query of one role; a method (``unedited``, ``edited``, a training-f
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import torch
 
+from knlight.metrics.editing import metric_name
+
 GENERALITY_ROLES = ("generality_lang", "generality_cross")
+EDIT_ROLES = ("reliability", *GENERALITY_ROLES)
+EDIT_MEASURES = ("top1", "rank", "p_new", "p_old")
 
 
 class RowScore(TypedDict):
@@ -84,3 +89,32 @@ def row_measures(
         if right is not None:
             out += [(r, "rank", torch.tensor(float(right))), (r, "p_old", score["lp_comp"][0].exp())]
     return out
+
+
+def metric_names(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Every metric name the evaluation rows can add under the methods (what :func:`row_measures` may return,
+    declared up front so that every process holds the same metrics)."""
+    names = []
+    for row in rows:
+        role, lang = row["role"], row["language"]
+        for method in methods:
+            if role == "facts":
+                measures = ("top1", "rank") if method == "unedited" else ("top1", "rank", "fixed", "broken")
+                names += [metric_name(method, role, m, lang) for m in measures]
+            elif role == "locality":
+                if method != "unedited":
+                    names += [metric_name(method, role, m, lang) for m in ("top1", "kl")]
+            else:
+                for r in (role, "generality") if role.startswith("generality") else (role,):
+                    names += [metric_name(method, r, m, lang) for m in EDIT_MEASURES]
+    return names
+
+
+HEADLINE = (("reliability", "rank"), ("generality_cross", "rank"), ("locality", "top1"), ("facts", "rank"))
+"""The ``(role, measure)`` pairs a run logs per method when it ends."""
+
+
+def headline(values: Mapping[str, tuple[float, int]], method: str) -> str:
+    """``reliability/rank=0.950, ...``: the method's :data:`HEADLINE` means over all languages (those it has)."""
+    shown = [(f"{r}/{m}", values.get(metric_name(method, r, m, "all"))) for r, m in HEADLINE]
+    return ", ".join(f"{m}={v[0]:.3f}" for m, v in shown if v and v[1])

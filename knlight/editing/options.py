@@ -1,11 +1,39 @@
-"""The option blocks of an editing run (``model.init_args.requests``, ``.training``, ``.direct``)."""
+"""The option blocks of an editing run (``model.init_args.requests``, ``.training``, ``.direct``) and the
+checks of its other settings."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from knlight.editing.rules import parse_rule
 from knlight.errors import ConfigError
+
+MODES = ("edit", "inject", "enhance")
+BASELINES = ("direct", "suppress", "enhance", "random")
+
+
+def check_settings(
+    mode: str, neuron_rule: str, baselines: Sequence[str], chunk_rows: int, neurons: str | None, layers: Any
+) -> None:
+    """Check the settings of an editing run that are not option blocks (``model.init_args.<name>``).
+
+    Raises:
+        ConfigError: (or ``ValueError`` for the rule) naming the config key and the choices.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"model.init_args.mode={mode!r}: choose one of {', '.join(MODES)}")
+    parse_rule(neuron_rule)
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"model.init_args.baselines {unknown}: choose among {', '.join(BASELINES)}")
+    if chunk_rows < 1:
+        raise ConfigError(f"model.init_args.chunk_rows={chunk_rows}: give a positive number")
+    if neurons is None and not (neuron_rule == "ffn" and layers):
+        raise ConfigError(
+            "model.init_args.neurons: give a neuron file (only neuron_rule=ffn with explicit layers needs none)"
+        )
 
 
 def _positive(block: str, **values: int | None) -> None:

@@ -1,6 +1,8 @@
-"""The training schedule of a fit as a loader that resumes mid-epoch (see :mod:`knlight.resume`).
+"""The training schedule of a fit as a loader that resumes mid-epoch.
 
-A schedule is a fixed list of rows laid out in global batches (:meth:`knlight.tasks.editing.EditingModule.schedule`).
+Resumption: :mod:`knlight.callbacks.fit_resume`.
+
+A schedule is a fixed list of rows laid out in global batches (:func:`knlight.editing.plan.schedule`).
 Lightning restores a mid-epoch checkpoint's counters but, for a plain DataLoader, iterates the epoch from its first
 batch again, so the resumed run would train on batches it already trained on. :class:`ScheduleLoader` implements
 Lightning's stateful-loader protocol: the checkpoint records how many batches were trained, and the resumed
@@ -16,8 +18,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler
 
+from knlight.callbacks.fit_resume import FitResumeError
 from knlight.data.datamodule import ItemDataset
-from knlight.resume import FitResumeError
 
 
 def schedule_digest(rows: Sequence[dict[str, Any]]) -> str:

@@ -16,8 +16,8 @@ resumes, in the same run folder (the same logger version), from that checkpoint:
   a warning, as Lightning does when there is no last checkpoint).
 * ``--ckpt_path <file>`` inside a run folder of this logger: resumes in that folder (settings checked).
 
-The settings (:func:`knlight.fingerprint.fit_fingerprint`) are the task's hyperparameters (including the
-optimizer), the data module's (except the per-process batch size and workers), the content of every input
+The settings (:func:`knlight.callbacks.fingerprint.fit_fingerprint`) are the task's hyperparameters (including
+the optimizer), the data module's (except the per-process batch size and workers), the content of every input
 file they name (records, neuron file, edit requests), the global batch, the trainer settings that change the
 result (precision, epochs, steps, accumulation, clipping) and the seed. Rank 0 takes a lock on the run
 folder, so two concurrent fits never write into one folder; DDP processes started by Lightning inherit rank
@@ -42,8 +42,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from knlight.callbacks.fingerprint import differences, fit_fingerprint
 from knlight.errors import ConfigError, DataError, KnlightError
-from knlight.fingerprint import differences, fit_fingerprint
 from knlight.io import read_json, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ class FitCheckpoint(ModelCheckpoint):
     """Keeps ``<run>/checkpoints/last.ckpt`` up to date so that a killed ``knlight fit`` can resume.
 
     The checkpoint holds what the task puts in it (an :class:`~knlight.tasks.editing.EditingModule`: its
-    deltas, not the frozen model) and the optimizer and loop state. See :mod:`knlight.resume` for when a
-    re-run resumes.
+    deltas, not the frozen model) and the optimizer and loop state. See :mod:`knlight.callbacks.fit_resume` for
+    when a re-run resumes.
 
     Args:
         every_n_train_steps: Save after every this many optimizer steps.
@@ -304,7 +304,7 @@ def _prepare(choice: _Choice, runs: _Runs, fingerprint: dict[str, Any]) -> _Choi
 def resolve_fit(
     trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, ckpt_path: str | None, seed: Any = None
 ) -> str | None:
-    """Choose the run folder and checkpoint of a fit (see :mod:`knlight.resume`); returns the ``ckpt_path``.
+    """Choose the run folder and checkpoint of a fit (see the module documentation); returns the ``ckpt_path``.
 
     Sets the logger's version to the chosen run folder. Without a :class:`FitCheckpoint`, or for
     ``ckpt_path`` ``best``/``hpc``/``registry``, changes nothing.

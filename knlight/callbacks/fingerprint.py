@@ -1,7 +1,8 @@
 """What decides a run's result, described so that two runs can be compared (and a resume refused).
 
 :func:`fit_fingerprint` describes a ``knlight fit``: the task's settings, the data module's, the content of the
-input files they name, the trainer settings that change the result and the seed (see :mod:`knlight.resume`).
+input files they name, the trainer settings that change the result and the seed (see
+:mod:`knlight.callbacks.fit_resume`).
 :func:`describe_callable` gives a readable, stable description of an injected class such as an optimizer.
 """
 
