@@ -36,7 +36,8 @@ import torch
 
 from knlight.cli import main as knlight_main
 from knlight.factcheck.claims import FALSE_CLAIM, build_claims, split_claims
-from knlight.factcheck.detectors import DETECTORS, amig_attribution, readout
+from knlight.factcheck.detectors import DETECTORS
+from knlight.factcheck.readouts import amig_attribution, readout
 from knlight.metrics.factcheck import binary_metrics
 from knlight.planted import PlantedModel, load_planted, plant
 

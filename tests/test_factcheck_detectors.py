@@ -8,17 +8,9 @@ import pytest
 import torch
 
 from knlight import attribute_batch, load_lm
-from knlight.factcheck.detectors import (
-    COLUMN,
-    FEATURES,
-    LogisticDetector,
-    amig_attribution,
-    claim_features,
-    falseness,
-    frequent,
-    readout,
-    relation_sets,
-)
+from knlight.factcheck.detectors import COLUMN, FEATURES, LogisticDetector, claim_features, falseness
+from knlight.factcheck.readouts import amig_attribution, readout
+from knlight.factcheck.relation_sets import frequent, relation_sets
 from knlight.lm.hooks import capture_activations
 
 pytestmark = pytest.mark.usefixtures("one_thread")

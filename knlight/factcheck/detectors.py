@@ -1,11 +1,7 @@
 """Fact-checking detectors over a relation's degenerate knowledge neurons (DKN). Pure torch, no Lightning.
 
-**Relation sets (AMIG).** For each training fact, the DKN pairs of its top-K neurons (AMIG Algorithm 1,
-:func:`knlight.neurons.selection.degenerate_neurons`) are counted per relation; the relation's set is every
-neuron whose count is more than ``t · max count`` (t = 0.7). When a relation has training facts but no DKN
-pair (e.g. a random model), the ``top`` fallback applies the same rule to the counts of the facts' top-K
-neurons instead; a relation without any training fact uses the pooled counts of all relations. The source of
-each set (``dkn``, ``top``, ``pooled-dkn``, ``pooled-top``) is recorded, never hidden.
+The relation's neuron set comes from :mod:`knlight.factcheck.relation_sets`; the forwards behind the features
+from :mod:`knlight.factcheck.readouts`.
 
 **Per-claim features** (:func:`claim_features`, one row of :data:`FEATURES` per claim):
 
@@ -30,23 +26,23 @@ each set (``dkn``, ``top``, ``pooled-dkn``, ``pooled-top``) is recorded, never h
 * ``fast``: ``−gxa_mean``;
 * ``fast_lr`` / ``act_lr``: P(false) of a logistic regression on the ``gxa_*`` / ``act_*`` features, fit on
   the training split's claims (:class:`LogisticDetector`).
+
+:func:`flagged` is the decision rule shared by every table and file.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from knlight.lm.hooks import edit_activations
+from knlight.errors import DataError
+from knlight.factcheck.claims import FALSE_CLAIM, TRUE_CLAIM
+from knlight.factcheck.readouts import amig_attribution, readout
 from knlight.lm.prompts import EncodedQuery
-from knlight.lm.upstream import last_hidden_state
-from knlight.neurons.attribution import attribute_batch
 from knlight.neurons.interventions import Neuron
 
 FEATURES: tuple[str, ...] = (
@@ -61,218 +57,12 @@ LR_FEATURES: dict[str, tuple[str, ...]] = {
     "act_lr": ("act_mean", "act_min", "act_max"),
 }
 """Feature columns of each logistic-regression detector."""
-SetSource = Literal["dkn", "top", "pooled-dkn", "pooled-top"]
-
-
-# -- relation sets
-# -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RelationSet:
-    """The neuron set of one relation.
-
-    Attributes:
-        relation: Relation id.
-        neurons: The set, by decreasing count then (layer, index).
-        source: ``dkn`` (DKN pair counts), ``top`` (top-K counts: no DKN pair among the relation's training
-            facts), ``pooled-dkn`` / ``pooled-top`` (the relation has no training fact: counts of all
-            relations).
-        train_claims: Training (true) claims of the relation that contributed.
-        pairs: DKN groups (pairs, and larger sets when counted) that were counted.
-        counts: Count of each neuron of the set.
-    """
-
-    relation: str
-    neurons: list[Neuron]
-    source: SetSource
-    train_claims: int
-    pairs: int
-    counts: list[int] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (neurons as ``[layer, index]``)."""
-        return {
-            "relation": self.relation,
-            "source": self.source,
-            "train_claims": self.train_claims,
-            "pairs": self.pairs,
-            "neurons": [list(n) for n in self.neurons],
-            "counts": self.counts,
-        }
-
-
-def frequent(counts: Mapping[Neuron, int], t: float) -> list[Neuron]:
-    """Neurons whose count is more than ``t · max count`` (AMIG's rule), by decreasing count then position."""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must be in [0, 1] (a fraction of the largest count), got {t}")
-    if not counts:
-        return []
-    top = max(counts.values())
-    return sorted((n for n, c in counts.items() if c > t * top), key=lambda n: (-counts[n], n))
-
-
-def relation_sets(
-    relations: Iterable[str],
-    groups: Mapping[str, Sequence[Sequence[Sequence[Neuron]]]],
-    tops: Mapping[str, Sequence[Sequence[Neuron]]],
-    t: float = 0.7,
-    fallback: Literal["top", "none"] = "top",
-) -> dict[str, RelationSet]:
-    """Each relation's neuron set from its training facts' DKN pairs (see the module documentation).
-
-    Args:
-        relations: Every relation to be checked (validation and test relations included).
-        groups: Per relation, one list per training claim of its degenerate groups (DKN pairs, and larger
-            sets when wanted); each member of a group counts once.
-        tops: Per relation, the top-K neurons of each training claim (for the ``top`` fallback).
-        t: Keep neurons counted more than ``t · max``.
-        fallback: ``top``: a relation without DKN pairs uses its top-K counts; ``none``: that is an error.
-
-    Returns:
-        ``{relation: RelationSet}``.
-
-    Raises:
-        ValueError: When a relation ends up with no neuron (no training data at all, or ``fallback: none``
-            and no DKN pair).
-    """
-
-    def group_counts(lists: Iterable[Sequence[Sequence[Neuron]]]) -> tuple[Counter[Neuron], int]:
-        counts: Counter[Neuron] = Counter()
-        n = 0
-        for claim_groups in lists:
-            for group in claim_groups:
-                counts.update(dict.fromkeys(group, 1))
-                n += 1
-        return counts, n
-
-    def top_counts(lists: Iterable[Sequence[Neuron]]) -> Counter[Neuron]:
-        return Counter(n for top in lists for n in dict.fromkeys(top))
-
-    out: dict[str, RelationSet] = {}
-    pooled_groups, pooled_n = group_counts(g for r in groups for g in groups[r])
-    pooled_top = top_counts(x for r in tops for x in tops[r])
-    for relation in sorted(set(relations)):
-        n_claims = len(groups.get(relation, ()))
-        counts, n_pairs = group_counts(groups.get(relation, ()))
-        source: SetSource = "dkn"
-        if not n_claims:
-            counts, n_pairs, source = pooled_groups, pooled_n, "pooled-dkn"
-        if not counts and fallback == "top":
-            counts = top_counts(tops.get(relation, ())) if n_claims else pooled_top
-            source = "top" if n_claims else "pooled-top"
-        neurons = frequent(counts, t)
-        if not neurons:
-            why = (
-                "no DKN pair among its training facts (use fallback: top)" if n_claims
-                else "no training fact and no pooled neuron"
-            )  # fmt: skip
-            raise ValueError(f"relation {relation}: no neuron set ({why})")
-        out[relation] = RelationSet(
-            relation, neurons, source, n_claims, n_pairs, [counts[n] for n in neurons]
-        )
-    return out
+NEEDS_SETS: tuple[str, ...] = ("amig", "fast", "fast_lr", "act_lr")
+"""The detectors that read a relation's neuron set (the others need none)."""
 
 
 # -- per-claim features
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Readout:
-    """What one forward and one backward say about a claim.
-
-    Attributes:
-        log_prob: log P(candidate) (sum over its tokens, gold prefix teacher-forced).
-        rank: Rank of the candidate's first token among the vocabulary at its target (1 = top prediction;
-            ties count in the candidate's favour).
-        activation: ``[n]`` activation of each neuron at the target positions (mean over positions).
-        grad_x_act: ``[n]`` activation × ∂ log P(answer token)/∂ activation at that token's target position,
-            summed over the candidate's tokens.
-    """
-
-    log_prob: float
-    rank: int
-    activation: torch.Tensor
-    grad_x_act: torch.Tensor
-
-
-def readout(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron]) -> Readout:
-    """log P, rank, activations and gradient × activation of one encoded claim (one forward, no IG path).
-
-    Gradient × activation follows the IG definition of DESIGN.md at α = 1 (it equals one-step right-Riemann IG
-    from a zero baseline with ``objective="log_prob"``): answer token k is credited through its own target
-    position only, ``Σ_k a_{p_k} · ∂ log P(y_k) / ∂ a_{p_k}`` (one backward per answer token through the
-    same graph). Gradients are taken with respect to zero-valued offsets added to each selected layer's
-    activation, so every path from that layer to the output counts (also through selected layers above it).
-
-    Args:
-        lm: A :class:`knlight.LanguageModel`.
-        encoded: The query encoded with the candidate as its answer.
-        neurons: The neurons to read (may be empty: only log P and rank).
-    """
-    layers = sorted({layer for layer, _ in neurons})
-    device = lm.device
-    ids = torch.tensor([encoded.input_ids], device=device)
-    positions = torch.tensor([p for p, _ in encoded.targets], device=device)
-    tokens = torch.tensor([t for _, t in encoded.targets], device=device)
-    rows = torch.tensor([layers.index(layer) for layer, _ in neurons], dtype=torch.long)
-    cols = torch.tensor([index for _, index in neurons], dtype=torch.long)
-    acts: dict[int, torch.Tensor] = {}
-    offsets: dict[int, torch.Tensor] = {}
-
-    def hook(layer: int) -> Any:
-        def edit(h: torch.Tensor) -> torch.Tensor:
-            acts[layer] = h.detach()
-            offsets[layer] = torch.zeros_like(h, requires_grad=True)
-            return h + offsets[layer]
-
-        return edit
-
-    gxa = torch.zeros(len(neurons), dtype=torch.float64)
-    with ExitStack() as stack, torch.enable_grad():
-        for layer in layers:
-            stack.enter_context(edit_activations(lm.sites.out_projs[layer], hook(layer)))
-        hidden = last_hidden_state(lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)))
-        logits = lm.head(hidden[0, positions]).float()
-        log_p = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-        for k, position in enumerate(positions.tolist()):
-            if not neurons:
-                break
-            retain = k + 1 < len(positions)
-            grads = torch.autograd.grad(log_p[k], [offsets[layer] for layer in layers], retain_graph=retain)
-            at = torch.stack([g[0, position] for g in grads]).double().cpu()  # [layers, d_ff]
-            here = torch.stack([acts[layer][0, position] for layer in layers]).double().cpu()
-            gxa += (here * at)[rows, cols]
-    rank = 1 + int((logits[0] > logits[0, tokens[0]]).sum())
-    if neurons:
-        at_targets = torch.stack([acts[layer][0, positions] for layer in layers]).float().cpu()  # [L, K, d]
-        activation = at_targets[rows, :, cols].mean(1)
-    else:
-        activation = torch.zeros(0)
-    return Readout(
-        log_prob=float(log_p.sum().detach()), rank=rank, activation=activation, grad_x_act=gxa.float()
-    )
-
-
-def amig_attribution(lm: Any, encoded: EncodedQuery, neurons: Sequence[Neuron], **ig_options: Any) -> float:
-    """Mean IG attribution of the claim's candidate over ``neurons`` (IG of the neurons' layers only).
-
-    Args:
-        lm: A :class:`knlight.LanguageModel`.
-        encoded: The query encoded with the candidate as its answer.
-        neurons: The relation's set (non-empty).
-        ig_options: Passed to :func:`knlight.neurons.attribution.attribute_batch` (steps, baseline, ...).
-    """
-    if not neurons:
-        raise ValueError("the AMIG detector needs a non-empty neuron set")
-    layers = sorted({layer for layer, _ in neurons})
-    slot = {layer: i for i, layer in enumerate(layers)}
-    with torch.enable_grad():
-        result = attribute_batch(lm, [encoded], layers=layers, completeness=False, **ig_options)
-    rows = torch.tensor([slot[layer] for layer, _ in neurons])
-    cols = torch.tensor([index for _, index in neurons])
-    return float(result.scores[0][rows, cols].double().mean())
 
 
 def claim_features(
@@ -374,6 +164,26 @@ class LogisticDetector:
         }
 
 
+def fit_logistic_detectors(
+    detectors: Sequence[str], features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2
+) -> dict[str, LogisticDetector]:
+    """The logistic-regression detectors among ``detectors`` (:data:`LR_FEATURES`), fit on training claims.
+
+    Args:
+        detectors: Detector names; those without logistic regression are skipped.
+        features: ``[n, len(FEATURES)]`` feature rows of the training claims.
+        labels: ``[n]`` labels of the training claims.
+        l2: L2 penalty on the coefficients.
+
+    Raises:
+        DataError: When the training claims are all of one class.
+    """
+    wanted = [d for d in detectors if d in LR_FEATURES]
+    if wanted and len(set(labels.tolist())) < 2:
+        raise DataError("the train split's claims are all of one class; the logistic detectors need both")
+    return {d: LogisticDetector.fit(features, labels, LR_FEATURES[d], l2) for d in wanted}
+
+
 def falseness(
     detector: str, features: torch.Tensor, models: Mapping[str, LogisticDetector] | None = None
 ) -> torch.Tensor:
@@ -394,3 +204,8 @@ def falseness(
             raise ValueError(f"detector {detector!r} needs a fitted LogisticDetector")
         return models[detector].predict(f)
     raise ValueError(f"unknown detector {detector!r}; choose among {', '.join(DETECTORS)}")
+
+
+def flagged(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Predicted labels: :data:`FALSE_CLAIM` where ``score > threshold``, else :data:`TRUE_CLAIM`."""
+    return torch.where(scores > threshold, FALSE_CLAIM, TRUE_CLAIM).long()

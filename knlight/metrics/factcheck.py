@@ -37,7 +37,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from knlight.factcheck.claims import FALSE_CLAIM, POSITIVE_CLASS, TRUE_CLAIM
+from knlight.factcheck.claims import FALSE_CLAIM, POSITIVE_CLASS
+from knlight.factcheck.detectors import flagged
 
 METRICS: tuple[str, ...] = ("precision", "recall", "f1", "accuracy", "auroc")
 
@@ -77,6 +78,25 @@ class ClaimScores(Metric):
         self.ids.append(ids.long())
         self.labels.append(labels.long())
         self.features.append(features.double())
+
+    def add(self, ids: Sequence[int], labels: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
+        """Add claims: their ids, labels and ``[num_features]`` feature rows (on the metric's device)."""
+        device = self.device
+        self.update(
+            torch.tensor(list(ids), dtype=torch.long, device=device),
+            torch.tensor(list(labels), dtype=torch.long, device=device),
+            (torch.stack(list(rows)) if rows else torch.zeros(0, self.num_features, dtype=torch.float64)).to(
+                device
+            ),
+        )
+
+    def collect(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`compute`, then :meth:`reset`. Under DDP every process must call it (it synchronises)."""
+        # An empty update keeps the list states non-empty on a process that scored nothing.
+        self.add([], [], [])
+        out = self.compute()
+        self.reset()
+        return out
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, labels, features)`` of every process, one row per claim id (sorted by id).
@@ -125,11 +145,6 @@ def as_unit_interval(scores: torch.Tensor) -> torch.Tensor:
     _, inverse = torch.unique(scores, sorted=True, return_inverse=True)
     top = max(int(inverse.max()), 1)
     return inverse.double() / top
-
-
-def flagged(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Predicted labels: :data:`FALSE_CLAIM` where ``score > threshold``, else :data:`TRUE_CLAIM`."""
-    return torch.where(scores > threshold, FALSE_CLAIM, TRUE_CLAIM).long()
 
 
 def confusion(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
@@ -214,6 +229,34 @@ def choose_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
         range(len(candidates)), key=lambda c: (float(f1[c]), float(accuracy[c]), -float(candidates[c]))
     )
     return float(candidates[best])
+
+
+def complete_thresholds(
+    thresholds: Mapping[str, float],
+    sources: Mapping[str, str],
+    scores: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    source: str,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The thresholds with one for every detector of ``scores`` that has none, chosen on these claims.
+
+    Args:
+        thresholds: Detector → threshold already fixed (given, or chosen earlier); kept as they are.
+        sources: Detector → where its threshold came from.
+        scores: Detector → ``[n]`` falseness scores of the claims to choose on.
+        labels: ``[n]`` labels of those claims.
+        source: Recorded as the source of the chosen thresholds (e.g. ``val``).
+
+    Returns:
+        ``(thresholds, sources)``: new dicts, the chosen detectors added in the order of ``scores``
+        (:func:`choose_threshold`: maximum F1).
+    """
+    chosen, where = dict(thresholds), dict(sources)
+    for detector, s in scores.items():
+        if detector not in chosen:
+            chosen[detector] = choose_threshold(s, labels)
+            where[detector] = source
+    return chosen, where
 
 
 def results_table(
