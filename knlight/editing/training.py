@@ -51,6 +51,28 @@ def provenance(
     }
 
 
+def prepare_edit(
+    lm: LanguageModel,
+    requests: Sequence[EditRequest],
+    *,
+    trainable: str,
+    metadata: dict[str, Any],
+    load_edit: str | None = None,
+    allow_other_model: bool = False,
+) -> NeuronEdit:
+    """The edit to train or evaluate, attached to the model: the saved edit ``load_edit`` (checked to be made on
+    this model, ``metadata["model"]`` naming it) or a zero edit of the requests' neurons recording ``metadata``;
+    only the slices that learn require gradients (:func:`set_trainable`)."""
+    if load_edit:
+        model_name = metadata["model"]
+        edit = NeuronEdit.load(load_edit, lm, model_name=model_name, allow_other_model=allow_other_model)
+    else:
+        edit = NeuronEdit.for_model(lm, sorted({n for r in requests for n in r.neurons}), metadata)
+    edit.apply(lm)
+    set_trainable(edit, trainable)
+    return edit
+
+
 def set_trainable(edit: NeuronEdit, trainable: str) -> None:
     """Only the slices that learn (``in_out``, ``out`` or ``in``) require gradients: the others are no
     parameters the optimizer or DDP sees."""

@@ -188,14 +188,10 @@ class EditingModule(BaseTask):
         self.scorer = Scorer(self.lm, self.chunk_rows)
         self.plan = self._plan()
         if self.mode != "enhance":
-            if self.load_edit:
-                edit = NeuronEdit.load(self.load_edit, self.lm, model_name=self.model_name,
-                                       allow_other_model=self.allow_other_model)  # fmt: skip
-            else:
-                neurons = sorted({n for r in self.requests for n in r.neurons})
-                edit = NeuronEdit.for_model(self.lm, neurons, self._provenance())
-            self.edit = edit.apply(self.lm)
-            edit_training.set_trainable(self.edit, self.training_options.trainable)
+            self.edit = edit_training.prepare_edit(
+                self.lm, self.requests, trainable=self.training_options.trainable, metadata=self._provenance(),
+                load_edit=self.load_edit, allow_other_model=self.allow_other_model,
+            )  # fmt: skip
         self.metrics = EditingMetrics(metric_names(self.eval_rows, self.method_names()))
 
     def _items(self, record: FactRecord) -> list[Row]:
@@ -281,9 +277,8 @@ class EditingModule(BaseTask):
 
     def training_step(self, batch: list[Row], batch_idx: int = 0) -> torch.Tensor:
         """Weighted −log P(new) + locality_weight · KL on the batch's rows (exact global mean under DDP)."""
-        assert self.edit is not None
+        assert self.edit is not None and self.scorer is not None
         world = self.trainer.world_size if self._trainer is not None else 1
-        assert self.scorer is not None
         locality_weight = self.training_options.locality_weight
         step = edit_training.edit_loss(self.lm, self.edit, self.scorer, batch, locality_weight, world)
         if step.rows:
@@ -354,11 +349,10 @@ class EditingModule(BaseTask):
 
     @torch.no_grad()
     def _evaluate(self, batch: list[Row]) -> None:
-        assert self.metrics is not None
+        assert self.metrics is not None and self.scorer is not None
         rows = [r for r in batch if not r.get("pad")]
         if not rows:
             return
-        assert self.scorer is not None
         measured = baseline_methods.score_methods(
             rows, self.method_names(), self.lm, self.edit, self._baseline_edits, self.scorer
         )
