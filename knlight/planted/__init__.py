@@ -6,23 +6,19 @@
 >>> planted.save("runs/planted/gpt2-0"); again = load_planted("runs/planted/gpt2-0")  # doctest: +SKIP
 """
 
-from knlight.planted.export import load_planted, read_records, read_truth, save_planted, write_records
+from knlight.planted.config import CARRIER_KINDS, KINDS, PlantConfig, PlantedNeuron
+from knlight.planted.export import PlantedFileError, read_records, read_truth, write_records
 from knlight.planted.facts import FactSet, SyntheticFact, build_tokenizer, make_facts
-from knlight.planted.planter import (
-    CARRIER_KINDS,
-    KINDS,
-    PlantConfig,
-    PlantedModel,
-    PlantedNeuron,
-    plant,
-    verify_plant,
-)
+from knlight.planted.model import PlantedModel, load_planted, save_planted
+from knlight.planted.planter import plant
+from knlight.planted.verify import verify_plant
 
 __all__ = [
     "CARRIER_KINDS",
     "KINDS",
     "FactSet",
     "PlantConfig",
+    "PlantedFileError",
     "PlantedModel",
     "PlantedNeuron",
     "SyntheticFact",
