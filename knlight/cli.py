@@ -1,4 +1,5 @@
-"""The ``knlight`` command line: LightningCLI with fit/validate/test/predict over knlight's tasks and data.
+"""The ``knlight`` command: LightningCLI's fit/validate/test/predict over knlight's tasks and data, and the
+commands of :mod:`knlight.commands` (``select``, ``summary``, ``data build``), all listed by ``knlight --help``.
 
 Examples::
 
@@ -6,6 +7,8 @@ Examples::
     knlight predict --config configs/localize/mgpt.yaml --trainer.devices 4 --trainer.strategy ddp
     knlight predict --config configs/tiny/localize.yaml --print_config
     knlight predict --help    # every option, documented from the classes' docstrings
+    knlight select --attributions runs/tiny-localize/attributions --output neurons.json
+    knlight data build mpararel --help
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+    _get_short_description,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from knlight.errors import KnlightError
 from knlight.callbacks.fit_resume import resolve_fit
+from knlight.commands import COMMANDS, command_parser, run_command
+from knlight.errors import KnlightError
 from knlight.tasks.base import BaseTask
 
 
@@ -53,6 +63,20 @@ class KnlightCLI(LightningCLI):
     The data module's ``model_kind`` is computed from the model (never configured twice): ``masked`` for
     masked LMs, ``causal`` otherwise.
     """
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's trainer subcommands, then knlight's own commands (so ``knlight --help`` lists them;
+        :func:`main` runs those before LightningCLI parses anything)."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            description = _get_short_description(getattr(self.trainer_class, subcommand))
+            subparser_kwargs = {"description": description, **kwargs.get(subcommand, {})}
+            subparser = self._prepare_subcommand_parser(self.trainer_class, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subparser
+            subcommands.add_subcommand(subcommand, subparser, help=description)
+        for name, (_, _, help_text) in COMMANDS.items():
+            subcommands.add_subcommand(name, command_parser(name), help=help_text)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -107,10 +131,18 @@ def main(args: ArgsType = None) -> None:
 
     Args:
         args: Command-line arguments (default ``sys.argv[1:]``), e.g.
-            ``["predict", "--config", "configs/tiny/localize.yaml"]``.
+            ``["predict", "--config", "configs/tiny/localize.yaml"]`` or ``["select", "--help"]``.
     """
+    from jsonargparse import set_parsing_settings
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_upstream()
+    # Option dataclasses document their fields with attribute docstrings: --help and --print_config show them.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] in COMMANDS:
+        run_command(argv[0], argv[1:])
+        return
     _run(args)
 
 
@@ -131,10 +163,6 @@ def console_main(args: ArgsType = None) -> None:
 
 
 def _run(args: ArgsType) -> None:
-    from jsonargparse import set_parsing_settings
-
-    # Option dataclasses document their fields with attribute docstrings: --help and --print_config show them.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     KnlightCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,
