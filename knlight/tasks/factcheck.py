@@ -229,14 +229,9 @@ class FactCheckModule(BaseTask):
                         "the train fraction of data.split_fractions or use more facts"
                     )
                 self.sets = self.build_relation_sets(train, relations)
-                for relation, rset in self.sets.items():
-                    log.info(
-                        "relation %s: %d neurons (%s, %d pairs)",
-                        relation,
-                        len(rset.neurons),
-                        rset.source,
-                        rset.pairs,
-                    )
+                for rset in self.sets.values():
+                    log.info("relation %s: %d neurons (%s, %d pairs)", rset.relation, len(rset.neurons),
+                             rset.source, rset.pairs)  # fmt: skip
             lr = [d for d in self.detectors if d in LR_FEATURES]
             if lr:
                 # The logistic detectors see no IG: the training claims are scored without it.
