@@ -24,7 +24,14 @@ LIKN: per fact, neurons selected in every language (``language_independent``) fr
 sets; classification accuracy over the planted language-independent and language-specific carriers (LI:
 selected in every language; LS: selected in its own language and not in all). Also knlight's cross-lingual LCB
 (``uncertainty_scores`` with languages) as a direct LIKN detector. DKN: AMIG Algorithm 1 on the top-20 neurons
-of each record (mean AMIG attribution), pair recall against the planted pairs, precision, and top-20 coverage.
+of each record (highest mean of per-query normalised AMIG attribution), pair recall against the planted pairs,
+precision, and top-20 coverage.
+
+The neurons come from knlight's own selection code, :func:`knlight.selection.select_fact` (what ``knlight
+select`` runs), on in-memory attributions: per-language neurons (not adaptive), LIKN, the uncertainty-aware set
+and DKN. Only the per-layer view (an oracle-assisted reading that ``knlight select`` does not offer) adds
+something: ``select_fact`` on each layer's attributions alone for Dai / AMIG, and the per-layer threshold of
+``uncertainty_scores`` for the uncertainty-aware sets.
 
     python benchmarks/planted.py                                           # 3 archs x 5 seeds
     python benchmarks/planted.py --archs gpt2 --seeds 0 --out /tmp/p.json  # one plant
@@ -46,16 +53,26 @@ from typing import Any
 import torch
 
 from knlight import attribute_batch
+from knlight.io import write_text_atomically
+from knlight.neurons.neuron_file import FactNeurons
 from knlight.neurons.selection import (
     coarse_mask,
     degenerate_neurons,
     language_independent,
     mask_to_neurons,
-    refine_by_sharing,
+    normalise_per_query,
     top_k_mask,
     uncertainty_scores,
 )
 from knlight.planted import CARRIER_KINDS, PlantedModel, plant
+from knlight.selection import (
+    DknOptions,
+    KnOptions,
+    LiknOptions,
+    QueryAttribution,
+    UncertaintyOptions,
+    select_fact,
+)
 
 log = logging.getLogger("benchmarks.planted")
 Neuron = tuple[int, int]
@@ -64,7 +81,74 @@ SCOPES = ("global", "per_layer")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Selection
+# Selection: knlight's own (knlight.selection.select_fact), on in-memory attributions
+
+Record = tuple[str, str]  # (uuid, language)
+NO_UNCERTAINTY, NO_DKN = UncertaintyOptions(), DknOptions()
+
+
+class MemoryScores:
+    """The dense scores ``[L, d]`` of the benchmark's queries, as selection's score source (``ScoreSource``)."""
+
+    format = "dense"
+
+    def __init__(self, scores: dict[tuple[str, str, int], torch.Tensor]) -> None:
+        self.scores = scores
+
+    def get(self, item: QueryAttribution) -> torch.Tensor:
+        return self.scores[item.key]
+
+
+def query_items(
+    planted: PlantedModel, scores: torch.Tensor, owner: torch.Tensor, layer: int | None = None
+) -> dict[Record, list[QueryAttribution]]:
+    """Per record, its queries as selection items carrying their positive attributions (of ``layer`` only).
+
+    Only positive scores can pass ``Attr > τ·max Attr`` (τ >= 0), so the coarse sets equal the dense ones'.
+    """
+    out: dict[Record, list[QueryAttribution]] = {}
+    for r, rec in enumerate(planted.records):
+        items = []
+        for q, (query, row) in enumerate(zip(rec["queries"], (owner == r).nonzero().flatten().tolist())):
+            keep = scores[row] > 0
+            if layer is not None:
+                keep[torch.arange(keep.shape[0]) != layer] = False
+            neurons = [(a, b, float(scores[row, a, b])) for a, b in keep.nonzero().tolist()]
+            items.append(QueryAttribution(rec["uuid"], rec["language"], rec["relation"], q, query,
+                                          rec["object"], None, neurons))  # fmt: skip
+        out[(rec["uuid"], rec["language"])] = items
+    return out
+
+
+def memory_scores(planted: PlantedModel, scores: torch.Tensor, owner: torch.Tensor) -> MemoryScores:
+    """The dense scores keyed like :func:`query_items`' items."""
+    table = {}
+    for r, rec in enumerate(planted.records):
+        for q, row in enumerate((owner == r).nonzero().flatten().tolist()):
+            table[(rec["uuid"], rec["language"], q)] = scores[row]
+    return MemoryScores(table)
+
+
+def by_fact(items: dict[Record, list[QueryAttribution]]) -> dict[str, dict[str, list[QueryAttribution]]]:
+    """Records grouped by fact, then language."""
+    out: dict[str, dict[str, list[QueryAttribution]]] = {}
+    for (uuid, language), queries in items.items():
+        out.setdefault(uuid, {})[language] = queries
+    return out
+
+
+def select(
+    per_language: dict[str, list[QueryAttribution]],
+    dims: tuple[int, int],
+    kn: KnOptions,
+    uncertainty: UncertaintyOptions = NO_UNCERTAINTY,
+    dkn: DknOptions = NO_DKN,
+    dense: MemoryScores | None = None,
+    lm: Any = None,
+) -> FactNeurons:
+    """``select_fact`` on one fact's items (its languages are all the languages of the selection)."""
+    return select_fact(per_language, dims, sorted(per_language), {}, kn, LiknOptions(), uncertainty, dkn,
+                       dense, lm)  # fmt: skip
 
 
 def per_layer_coarse(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -72,21 +156,79 @@ def per_layer_coarse(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.stack([coarse_mask(scores[layer], tau) for layer in range(scores.shape[0])])
 
 
-def select(
-    method: str, scope: str, zero: torch.Tensor, amig: torch.Tensor, tau: float, p: float, kappa: float
-) -> torch.Tensor:
-    """The neurons ``[L, d]`` a method selects for one record from its queries' scores ``[Q, L, d]``."""
-    coarse_fn = (lambda s: coarse_mask(s, tau)) if scope == "global" else (lambda s: per_layer_coarse(s, tau))
-    if method in ("dai", "amig"):
-        scores = zero if method == "dai" else amig
-        return refine_by_sharing(torch.stack([coarse_fn(s) for s in scores]), p)
-    if method == "uncertainty":
-        return coarse_fn(uncertainty_scores(zero, kappa=kappa))
-    raise ValueError(f"unknown method {method!r}")
-
-
 def as_set(mask: torch.Tensor) -> set[Neuron]:
     return set(mask_to_neurons(mask))
+
+
+def likn_of(sets: dict[str, set[Neuron]], dims: tuple[int, int]) -> set[Neuron]:
+    """Neurons selected in every language (``language_independent`` of the per-language sets)."""
+    masks = {}
+    for language, chosen in sets.items():
+        mask = torch.zeros(dims, dtype=torch.bool)
+        for layer, index in chosen:
+            mask[layer, index] = True
+        masks[language] = mask
+    return as_set(language_independent(masks))
+
+
+def selections(
+    planted: PlantedModel,
+    sources: dict[str, torch.Tensor],
+    owner: torch.Tensor,
+    tau: float,
+    p: float,
+    kappa: float,
+) -> tuple[dict[tuple[str, str], dict[Record, set[Neuron]]], dict[tuple[str, str], dict[str, set[Neuron]]]]:
+    """Every method's neurons per record and its LIKN per fact, for both scopes.
+
+    dai / amig: ``select_fact``'s per-language neurons (coarse ``Attr > τ·max``, prompt sharing p, not adaptive)
+    and its LIKN; per layer: the same on each layer's attributions alone (the threshold against that layer's
+    maximum), united. uncertainty: ``select_fact``'s uncertainty-aware set on one record's queries (one
+    language), LIKN over the languages' sets; uncertainty_xling: its set on the fact's queries in every language.
+    Per layer, the uncertainty bounds (``uncertainty_scores``) are thresholded against each layer's maximum.
+    """
+    lm = planted.lm
+    dims = (lm.num_layers, lm.d_ff)
+    kn = KnOptions(threshold=tau, p=p, adaptive=False)
+    lcb = UncertaintyOptions(enabled=True, kappa=kappa, threshold=tau, top_k=None)
+    chosen: dict[tuple[str, str], dict[Record, set[Neuron]]] = {(m, s): {} for m in METHODS for s in SCOPES}
+    likn: dict[tuple[str, str], dict[str, set[Neuron]]] = {
+        (m, s): {} for m in (*METHODS, "uncertainty_xling") for s in SCOPES
+    }
+    for method, source in (("dai", "zero"), ("amig", "amig")):
+        facts = by_fact(query_items(planted, sources[source], owner))
+        layers = [by_fact(query_items(planted, sources[source], owner, layer)) for layer in range(dims[0])]
+        for uuid, per_language in facts.items():
+            fact = select(per_language, dims, kn)
+            per_layer = [select(layer[uuid], dims, kn) for layer in layers]
+            for language in per_language:
+                chosen[(method, "global")][(uuid, language)] = set(fact.languages[language])
+                chosen[(method, "per_layer")][(uuid, language)] = {
+                    n for f in per_layer for n in f.languages[language]
+                }
+            likn[(method, "global")][uuid] = set(fact.language_independent)
+            likn[(method, "per_layer")][uuid] = {n for f in per_layer for n in f.language_independent}
+    zero = sources["zero"]
+    dense = memory_scores(planted, zero, owner)
+    facts = by_fact(query_items(planted, zero, owner))
+    for uuid, per_language in facts.items():
+        for language, queries in per_language.items():
+            record = select({language: queries}, dims, kn, lcb, dense=dense)
+            chosen[("uncertainty", "global")][(uuid, language)] = set(record.uncertainty)
+            scores = torch.stack([dense.get(q) for q in queries])
+            bound = uncertainty_scores(scores, kappa=kappa)
+            chosen[("uncertainty", "per_layer")][(uuid, language)] = as_set(per_layer_coarse(bound, tau))
+        for scope in SCOPES:
+            sets = {language: chosen[("uncertainty", scope)][(uuid, language)] for language in per_language}
+            likn[("uncertainty", scope)][uuid] = likn_of(sets, dims)
+        likn[("uncertainty_xling", "global")][uuid] = set(
+            select(per_language, dims, kn, lcb, dense=dense).uncertainty
+        )
+        queries = [q for language in sorted(per_language) for q in per_language[language]]
+        bound = uncertainty_scores(torch.stack([dense.get(q) for q in queries]), kappa=kappa,
+                                   languages=[q.language for q in queries])  # fmt: skip
+        likn[("uncertainty_xling", "per_layer")][uuid] = as_set(per_layer_coarse(bound, tau))
+    return chosen, likn
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,11 +267,9 @@ def evaluate(
     amig_all = attribute_batch(lm, items, steps=steps, baseline="amig", completeness=False).scores
     t2 = time.perf_counter()
     owner_t = torch.tensor(owner)
+    sources = {"amig": amig_all, "zero": zero_all}
+    chosen, likn_sets = selections(planted, sources, owner_t, tau, p, kappa)
     planted_any = {(n.layer, n.index) for n in planted.neurons}
-    fact_layers: dict[str, set[int]] = {}
-    for n in planted.neurons:
-        if n.carrier:
-            fact_layers.setdefault(n.uuid, set()).add(n.layer)
 
     counts = {(m, s): [0, 0, 0] for m in METHODS for s in SCOPES}
     composition = {
@@ -137,14 +277,10 @@ def evaluate(
     }
     distractor_hits = {(m, s): [0, 0] for m in METHODS for s in SCOPES}
     kind_hits: dict[tuple[str, str], dict[str, list[int]]] = {(m, s): {} for m in METHODS for s in SCOPES}
-    selections: dict[tuple[str, str], dict[tuple[str, str], set[Neuron]]] = {k: {} for k in counts}
     within_layer = [0, 0]
-    per_record_zero: dict[tuple[str, str], torch.Tensor] = {}
     for r, rec in enumerate(records):
         key = (rec["uuid"], rec["language"])
-        idx = (owner_t == r).nonzero().flatten()
-        zero, amig = zero_all[idx], amig_all[idx]
-        per_record_zero[key] = zero
+        zero = zero_all[(owner_t == r).nonzero().flatten()]
         own = planted.neurons_for(*key, kinds=(*tuple(CARRIER_KINDS), "distractor"))
         carriers = {(n.layer, n.index) for n in own if n.carrier}
         kind_of = {(n.layer, n.index): n.kind for n in own if n.carrier}
@@ -160,13 +296,9 @@ def evaluate(
                 within_layer[1] += len(in_layer)
         for method in METHODS:
             for scope in SCOPES:
-                chosen = as_set(select(method, scope, zero, amig, tau, p, kappa))
-                # LIKN works on these sets; the per-layer view keeps only the fact's carrier layers (the
-                # oracle restriction of that view), else each carrier-free layer would add its maximum.
-                selections[(method, scope)][key] = (
-                    chosen if scope == "global" else {n for n in chosen if n[0] in fact_layers[rec["uuid"]]}
-                )
-                scored = chosen if scope == "global" else {n for n in chosen if n[0] in carrier_layers}
+                picked = chosen[(method, scope)][key]
+                # The per-layer view is scored in the record's carrier layers (its oracle restriction).
+                scored = picked if scope == "global" else {n for n in picked if n[0] in carrier_layers}
                 c = counts[(method, scope)]
                 c[0] += len(scored & carriers)
                 c[1] += len(scored - carriers)
@@ -175,11 +307,11 @@ def evaluate(
                     kind_hits[(method, scope)].setdefault(kind, [0, 0])
                     kind_hits[(method, scope)][kind][0] += neuron in scored
                     kind_hits[(method, scope)][kind][1] += 1
-                distractor_hits[(method, scope)][0] += len(chosen & distractors)
+                distractor_hits[(method, scope)][0] += len(picked & distractors)
                 distractor_hits[(method, scope)][1] += len(distractors)
                 if scope == "global":
                     comp = composition[method]
-                    for sel in chosen:
+                    for sel in picked:
                         if sel in carriers:
                             comp["carrier"] += 1
                         elif sel in distractors:
@@ -208,10 +340,9 @@ def evaluate(
             k: (v / total if total else math.nan) for k, v in composition[method].items()
         }
 
-    likn = _likn(planted, selections, per_record_zero, tau, kappa)
+    likn = _likn(planted, chosen, likn_sets)
     t3 = time.perf_counter()
-    sources = {"amig": amig_all, "zero": zero_all}
-    dkn = _dkn(planted, items, owner_t, {k: sources[k] for k in dkn_sources}, top_k, t_low, t_high)
+    dkn = _dkn(planted, owner_t, {k: sources[k] for k in dkn_sources}, top_k, t_low, t_high)
     t4 = time.perf_counter()
     return {
         "localisation": localisation,
@@ -224,27 +355,23 @@ def evaluate(
 
 def _likn(
     planted: PlantedModel,
-    selections: dict[tuple[str, str], dict[tuple[str, str], set[Neuron]]],
-    per_record_zero: dict[tuple[str, str], torch.Tensor],
-    tau: float,
-    kappa: float,
+    chosen: dict[tuple[str, str], dict[Record, set[Neuron]]],
+    likn_sets: dict[tuple[str, str], dict[str, set[Neuron]]],
 ) -> dict[str, Any]:
-    """LIKN classification accuracy and precision/recall per method and scope, plus the cross-lingual LCB."""
-    lm = planted.lm
+    """LIKN classification accuracy and precision/recall per method and scope, plus the cross-lingual LCB.
+
+    Per layer, only the fact's carrier layers count (the oracle restriction of that view; else each carrier-free
+    layer would add its maximum).
+    """
     facts = sorted({rec["uuid"] for rec in planted.records})
     languages = sorted({rec["language"] for rec in planted.records})
     out: dict[str, Any] = {}
-    for (method, scope), chosen in selections.items():
+    for (method, scope), per_fact in likn_sets.items():
         correct = total = tp = fp = fn = 0
         for uuid in facts:
-            masks = {}
-            for lang in languages:
-                mask = torch.zeros(lm.num_layers, lm.d_ff, dtype=torch.bool)
-                for layer, index in chosen[(uuid, lang)]:
-                    mask[layer, index] = True
-                masks[lang] = mask
-            likn = as_set(language_independent(masks))
             neurons = [n for n in planted.neurons if n.uuid == uuid]
+            layers = {n.layer for n in neurons if n.carrier}
+            likn = per_fact[uuid] if scope == "global" else {n for n in per_fact[uuid] if n[0] in layers}
             all_language = {
                 (n.layer, n.index) for n in neurons if n.carrier and len(n.languages) == len(languages)
             }
@@ -253,6 +380,8 @@ def _likn(
                 fp + len(likn - all_language),
                 fn + len(all_language - likn),
             )
+            if method == "uncertainty_xling":
+                continue
             for n in neurons:
                 key = (n.layer, n.index)
                 if n.kind == "language_independent":
@@ -260,60 +389,50 @@ def _likn(
                     correct += key in likn
                 elif n.kind == "language_specific":
                     total += 1
-                    correct += key in chosen[(uuid, n.languages[0])] and key not in likn
-        out[f"{method}/{scope}"] = {"accuracy": correct / total if total else math.nan, **prf(tp, fp, fn)}
-    # knlight's cross-lingual LCB: one bound over the fact's queries in all languages.
-    for scope in SCOPES:
-        tp = fp = fn = 0
-        for uuid in facts:
-            scores = torch.cat([per_record_zero[(uuid, lang)] for lang in languages])
-            langs = [lang for lang in languages for _ in range(per_record_zero[(uuid, lang)].shape[0])]
-            lcb = uncertainty_scores(scores, kappa=kappa, languages=langs)
-            mask = coarse_mask(lcb, tau) if scope == "global" else per_layer_coarse(lcb, tau)
-            chosen_set = as_set(mask)
-            neurons = [n for n in planted.neurons if n.uuid == uuid]
-            all_language = {
-                (n.layer, n.index) for n in neurons if n.carrier and len(n.languages) == len(languages)
-            }
-            if scope == "per_layer":
-                chosen_set = {n for n in chosen_set if n[0] in {m.layer for m in neurons if m.carrier}}
-            tp, fp, fn = (
-                tp + len(chosen_set & all_language),
-                fp + len(chosen_set - all_language),
-                fn + len(all_language - chosen_set),
-            )
-        out[f"uncertainty_xling/{scope}"] = prf(tp, fp, fn)
+                    own = chosen[(method, scope)][(uuid, n.languages[0])]
+                    own = own if scope == "global" else {m for m in own if m[0] in layers}
+                    correct += key in own and key not in likn
+        if method == "uncertainty_xling":
+            out[f"{method}/{scope}"] = prf(tp, fp, fn)
+        else:
+            out[f"{method}/{scope}"] = {"accuracy": correct / total if total else math.nan, **prf(tp, fp, fn)}
     return out
 
 
 def _dkn(
     planted: PlantedModel,
-    items: list,
     owner: torch.Tensor,
     sources: dict[str, torch.Tensor],
     top_k: int,
     t_low: float,
     t_high: float,
 ) -> dict[str, Any]:
-    """AMIG Algorithm 1 on each record's top-K neurons; pair recall/precision against the planted pairs.
+    """``select_fact``'s DKN (AMIG Algorithm 1) on each record's top-K; recall/precision against the planted pairs.
 
-    False pairs are split by membership (both own carriers: functionally redundant carriers of a standard
-    fact; carrier + unplanted; both unplanted) and by whether the singles' drops already add up to more than
+    The top-K are the record's neurons of highest mean normalised attribution (``select_fact``'s ranking). False
+    pairs are split by membership (both own carriers: functionally redundant carriers of a standard fact;
+    carrier + unplanted; both unplanted) and by whether the singles' drops already add up to more than
     ``t_high`` (an additive pair, which Algorithm 1 cannot tell from a degenerate one).
     """
+    lm = planted.lm
+    dims = (lm.num_layers, lm.d_ff)
+    options = DknOptions(enabled=True, top_k=top_k, t_low=t_low, t_high=t_high, grow=False)
+    kn = KnOptions(threshold=None, adaptive=False)
     out: dict[str, Any] = {}
     for source, scores_all in sources.items():
+        dense = memory_scores(planted, scores_all, owner)
         found_total = found_true = planted_pairs = recalled = covered = false_additive = 0
         false_kinds = {"own_carriers": 0, "carrier+unplanted": 0, "unplanted": 0}
-        for r, rec in enumerate(planted.records):
-            idx = (owner == r).nonzero().flatten()
-            mean = scores_all[idx].mean(0)
-            top = mask_to_neurons(top_k_mask(mean, top_k), mean)
-            result = degenerate_neurons(
-                planted.lm, [items[int(i)] for i in idx], top, t_low, t_high, grow=False
-            )
-            found = {frozenset(pq) for pq in result.pairs}
-            own = planted.neurons_for(rec["uuid"], rec["language"])
+        for (uuid, language), queries in query_items(planted, scores_all, owner).items():
+            result = select({language: queries}, dims, kn, dkn=options, dense=dense, lm=lm)
+            rank = normalise_per_query(torch.stack([dense.get(q) for q in queries])).mean(0)
+            top = set(mask_to_neurons(top_k_mask(rank, top_k, within=rank > 0)))
+            found = {frozenset(pq) for pq in result.degenerate_pairs}
+            if not all(pq <= top for pq in found):
+                raise RuntimeError(
+                    f"{uuid}/{language}: a DKN pair outside the top-{top_k} (ranking mismatch)"
+                )
+            own = planted.neurons_for(uuid, language)
             pairs: dict[int, set[Neuron]] = {}
             for n in own:
                 if n.kind == "degenerate":
@@ -322,13 +441,20 @@ def _dkn(
             carriers = {(n.layer, n.index) for n in own}
             planted_pairs += len(truth)
             recalled += len(truth & found)
-            covered += sum(s <= set(top) for s in truth)
+            covered += sum(s <= top for s in truth)
             found_total += len(found)
             found_true += len(found & truth)
-            for pq in found - truth:
+            false = found - truth
+            single: dict[Neuron, float] = {}
+            if false:
+                members = sorted({n for pq in false for n in pq})
+                # t_low = -inf: no candidate, so only the singles' drops are measured.
+                encoded = [lm.encode(q.query, q.answer) for q in queries]
+                single = degenerate_neurons(lm, encoded, members, -math.inf, t_high, grow=False).single_drop
+            for pq in false:
                 n_carriers = sum(n in carriers for n in pq)
                 false_kinds[("unplanted", "carrier+unplanted", "own_carriers")[n_carriers]] += 1
-                false_additive += sum(result.single_drop[n] for n in pq) > t_high
+                false_additive += sum(single[n] for n in pq) > t_high
         n_false = found_total - found_true
         out[source] = {
             "pair_recall": recalled / planted_pairs if planted_pairs else math.nan,
@@ -537,10 +663,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "summary": summaries,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    write_text_atomically(args.out, json.dumps(result, indent=1, default=float) + "\n")
     print(table(summaries, args.seeds, seconds))
     print(f"\nwrote {args.out}")
     return result
