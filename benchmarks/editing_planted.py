@@ -46,6 +46,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from knlight import load_lm
 from knlight.editing.options import EditRequests, EditTraining
+from knlight.io import read_json, write_text_atomically
 from knlight.lm.options import LMOptions
 from knlight.lm.prompts import QueryError
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
@@ -126,7 +127,7 @@ def run_method(
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
-    table = json.loads((Path(trainer.log_dir) / "editing_val.json").read_text(encoding="utf-8"))
+    table = read_json(Path(trainer.log_dir) / "editing_val.json")
     return table, seconds
 
 
@@ -284,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # one broken plant must not lose the others
                 log.exception("%s seed %d failed", arch, seed)
                 runs.append({"arch": arch, "seed": seed, "error": f"{type(error).__name__}: {error}"})
-            out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1) + "\n", "utf-8")
+            write_text_atomically(out, json.dumps({"args": vars(args), "runs": runs}, indent=1) + "\n")
     done = [run for run in runs if "error" not in run]
     summary = summarise_runs(done)
-    out.write_text(
-        json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1) + "\n", "utf-8"
+    write_text_atomically(
+        out, json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1) + "\n"
     )
     for run in runs:
         if "error" in run:

@@ -38,6 +38,7 @@ from knlight.cli import main as knlight_main
 from knlight.factcheck.claims import FALSE_CLAIM, build_claims, split_claims
 from knlight.factcheck.detectors import DETECTORS
 from knlight.factcheck.readouts import amig_attribution, readout
+from knlight.io import read_json, write_text_atomically
 from knlight.metrics.factcheck import binary_metrics
 from knlight.planted import PlantedModel, load_planted, plant
 
@@ -52,7 +53,7 @@ def planted_model(arch: str, seed: int, root: Path, facts_per_relation: int) -> 
     folder = root / f"{arch}-{seed}-f{facts_per_relation}"
     meta = folder / "plant.json"
     if meta.is_file():
-        config = json.loads(meta.read_text("utf-8")).get("config", {})
+        config = read_json(meta).get("config", {})
         wanted = {"model_type": arch, "seed": seed, "facts_per_relation": facts_per_relation}
         if all(config.get(k) == v for k, v in wanted.items()):
             log.info("reusing the plant in %s", folder)
@@ -73,7 +74,7 @@ def run_module(folder: Path, out: Path, steps: int) -> dict[str, Any]:
         "--data.init_args.split_fractions", json.dumps(list(SPLIT)),
         "--trainer.logger.init_args.save_dir", str(out / "runs"),
     ])  # fmt: skip
-    return json.loads((out / "test" / "results.json").read_text("utf-8"))
+    return read_json(out / "test" / "results.json")
 
 
 def set_vs_truth(planted: PlantedModel, results: dict[str, Any], train_uuids: set[str]) -> dict[str, Any]:
@@ -256,9 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             log.info("%s seed %d: %s", arch, seed, json.dumps(runs[-1]["detectors"]))
     out = args.out or args.work_dir / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = report(runs)
-    out.write_text(json.dumps({"runs": runs, "report": text}, indent=1) + "\n", encoding="utf-8")
+    write_text_atomically(out, json.dumps({"runs": runs, "report": text}, indent=1) + "\n")
     sys.stdout.write(text + f"\n\nwritten: {out}\n")
 
 
