@@ -128,9 +128,17 @@ def test_only_the_planted_slices_changed(planted: PlantedModel) -> None:
 
 
 def test_export_round_trip(planted: PlantedModel, tmp_path) -> None:
-    folder = planted.save(tmp_path / "plant")
-    planted.save(folder)  # replacing an existing plant is fine
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        folder = planted.save(tmp_path / "plant")
+        planted.save(folder)  # replacing an existing plant is fine
+    finally:
+        os.umask(umask)
     assert sorted(p.name for p in folder.iterdir()) == ["model", "plant.json", "records.jsonl", "truth.json"]
+    assert folder.stat().st_mode & 0o777 == 0o755  # as a normally created folder, not mkdtemp's 0700
+    assert (folder / "records.jsonl").stat().st_mode & 0o777 == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     records = validate_records_file(folder / "records.jsonl")  # the data layer reads them
     assert [r.to_dict() for r in records] == planted.records

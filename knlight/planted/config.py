@@ -18,69 +18,66 @@ TOKENIZER_FOR = {"gpt2": "causal", "llama": "causal_bos", "qwen2": "causal", "be
 
 @dataclass
 class PlantConfig:
-    """Everything that defines a planted model (a plant is deterministic for a config).
-
-    Attributes:
-        model_type: ``gpt2``, ``llama`` (gated, no MLP bias), ``qwen2`` or ``bert`` (masked).
-        seed: Seed for the facts, the random model, the neuron choice and the training.
-        hidden: Hidden size.
-        ff: FFN width d_ff.
-        layers: Number of layers.
-        heads: Attention heads.
-        initializer_range: Init std of the random model (0.1: DESIGN.md's lesson; 0.02 caps P(object)).
-        plant_layers: Layers that receive planted neurons (default: the upper half).
-        n_relations: Relations of the synthetic fact set.
-        facts_per_relation: Facts per relation.
-        n_languages: Languages (disjoint vocabularies).
-        templates_per_relation: Cloze templates per relation and language.
-        n_independent: Language-independent carriers per standard fact.
-        n_specific: Language-specific carriers per standard fact and language.
-        degenerate_fraction: Fraction of facts carried by a degenerate pair instead.
-        n_distractors: Distractor neurons per fact.
-        steps: Training steps (full batch).
-        lr: Adam learning rate.
-        target_prob: The answer loss stops pushing once P(object) reaches this.
-        fire_margin: Required activation at the neuron's own target positions.
-        pre_on: Required pre-activation (gate for gated MLPs) at its own target positions (a hinge on the
-            pre-activation keeps a neuron from dying where the activation function is flat).
-        pre_off: Required negative pre-activation margin everywhere else.
-        fire_cap: Activation above this at its own target positions is penalised (bounded activations).
-        necessity_drop: Suppressing any one carrier of a standard fact must lower log P(object) by at least
-            this many nats (0 disables the term).
-        necessity_weight: Weight of that term.
-        off_weight: Weight of the off-target activation penalty.
-        fire_weight: Weight of the firing hinge.
-        n_background: Random word sequences added as negatives (no neuron may fire on them).
-    """
+    """Everything that defines a planted model (a plant is deterministic for a config)."""
 
     model_type: str = "gpt2"
+    """``gpt2``, ``llama`` (gated, no MLP bias), ``qwen2`` or ``bert`` (masked)."""
     seed: int = 0
+    """Seed for the facts, the random model, the neuron choice and the training."""
     hidden: int = 128
+    """Hidden size."""
     ff: int = 256
+    """FFN width d_ff."""
     layers: int = 4
+    """Number of layers."""
     heads: int = 4
+    """Attention heads."""
     initializer_range: float = 0.1
+    """Init std of the random model (0.1: DESIGN.md's lesson; 0.02 caps P(object))."""
     plant_layers: list[int] | None = None
+    """Layers that receive planted neurons (default: the upper half)."""
     n_relations: int = 3
+    """Relations of the synthetic fact set."""
     facts_per_relation: int = 4
+    """Facts per relation."""
     n_languages: int = 3
+    """Languages (disjoint vocabularies)."""
     templates_per_relation: int = 4
+    """Cloze templates per relation and language."""
     n_independent: int = 2
+    """Language-independent carriers per standard fact."""
     n_specific: int = 1
+    """Language-specific carriers per standard fact and language."""
     degenerate_fraction: float = 1 / 3
+    """Fraction of facts carried by a degenerate pair instead."""
     n_distractors: int = 1
+    """Distractor neurons per fact."""
     steps: int = 150
+    """Training steps (full batch)."""
     lr: float = 0.02
+    """Adam learning rate."""
     target_prob: float = 0.9
+    """The answer loss stops pushing once P(object) reaches this."""
     fire_margin: float = 1.0
+    """Required activation at the neuron's own target positions."""
     pre_on: float = 2.0
+    """Required pre-activation (gate for gated MLPs) at its own target positions (a hinge on the
+    pre-activation keeps a neuron from dying where the activation function is flat)."""
     pre_off: float = 3.0
+    """Required negative pre-activation margin everywhere else."""
     fire_cap: float = 30.0
+    """Activation above this at its own target positions is penalised (bounded activations)."""
     necessity_drop: float = 0.5
+    """Suppressing any one carrier of a standard fact must lower log P(object) by at least this many nats (0
+    disables the term)."""
     necessity_weight: float = 1.0
+    """Weight of that term."""
     off_weight: float = 3.0
+    """Weight of the off-target activation penalty."""
     fire_weight: float = 1.0
+    """Weight of the firing hinge."""
     n_background: int = 64
+    """Random word sequences added as negatives (no neuron may fire on them)."""
 
     def resolved_plant_layers(self) -> list[int]:
         """The plant layers (default: the upper half of the model)."""
@@ -95,23 +92,20 @@ class PlantConfig:
 
 @dataclass(frozen=True)
 class PlantedNeuron:
-    """One planted neuron.
-
-    Attributes:
-        uuid: The fact it belongs to.
-        kind: One of :data:`KINDS`.
-        languages: Languages in which it fires on the fact.
-        layer: Layer.
-        index: Index in the layer's FFN activation.
-        pair: Pair id (degenerate neurons only; both members share it).
-    """
+    """One planted neuron."""
 
     uuid: str
+    """The fact it belongs to."""
     kind: str
+    """One of :data:`KINDS`."""
     languages: tuple[str, ...]
+    """Languages in which it fires on the fact."""
     layer: int
+    """Layer."""
     index: int
+    """Index in the layer's FFN activation."""
     pair: int | None = None
+    """Pair id (degenerate neurons only; both members share it)."""
 
     @property
     def carrier(self) -> bool:

@@ -28,21 +28,18 @@ from knlight.planted.export import PlantedFileError, read_records, read_truth, w
 
 @dataclass
 class PlantedModel:
-    """A model with planted knowledge and its ground truth.
-
-    Attributes:
-        lm: The planted :class:`~knlight.LanguageModel`.
-        records: RML-LAMA records of the planted facts (one per fact and language).
-        neurons: The planted neurons.
-        config: The plant configuration.
-        report: Verification numbers (see :func:`~knlight.planted.verify.verify_plant`).
-    """
+    """A model with planted knowledge and its ground truth."""
 
     lm: LanguageModel
+    """The planted :class:`~knlight.LanguageModel`."""
     records: list[dict[str, Any]]
+    """RML-LAMA records of the planted facts (one per fact and language)."""
     neurons: list[PlantedNeuron]
+    """The planted neurons."""
     config: PlantConfig
+    """The plant configuration."""
     report: dict[str, Any] = field(default_factory=dict)
+    """Verification numbers (see :func:`~knlight.planted.verify.verify_plant`)."""
 
     @property
     def truth(self) -> list[dict[str, Any]]:
@@ -99,6 +96,10 @@ def save_planted(planted: PlantedModel, directory: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        # mkdtemp creates the folder private (0700); give it the permissions of a normally created folder.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         planted.lm.model.save_pretrained(tmp / "model")
         planted.lm.tokenizer.save_pretrained(tmp / "model")
         write_records(tmp / "records.jsonl", planted.records)
