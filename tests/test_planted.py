@@ -14,6 +14,7 @@ import torch
 
 from knlight import attribute_batch
 from knlight.data.records import validate_records_file
+from knlight.lm.sites import neuron_columns
 from knlight.neurons.interventions import answer_log_probs
 from knlight.planted import (
     CARRIER_KINDS,
@@ -26,6 +27,8 @@ from knlight.planted import (
     plant,
     read_truth,
 )
+from knlight.planted.build import Planter
+from knlight.planted.initialisation import initialise
 from knlight.planted.planter import build_model
 
 SMALL = dict(
@@ -125,6 +128,19 @@ def test_only_the_planted_slices_changed(planted: PlantedModel) -> None:
             assert {(layer, r) for r, _ in diff} <= allowed, name
         else:
             raise AssertionError(f"{name} changed but holds no planted slice")
+
+
+def test_distractor_output_columns_keep_their_initial_value(planted: PlantedModel) -> None:
+    """Training moves the carriers' W_out columns; a distractor's stays what the initialisation wrote."""
+    torch.manual_seed(planted.config.seed)
+    start = Planter(planted.config)
+    initialise(start)
+    conv1d = start.sites.spec.conv1d
+    for n in planted.neurons:
+        before = neuron_columns(start.sites.out_projs[n.layer], conv1d)[:, n.index]
+        after = neuron_columns(planted.lm.sites.out_projs[n.layer], conv1d)[:, n.index]
+        assert before.abs().sum() > 0, n
+        assert torch.equal(before, after) != n.carrier, n
 
 
 def test_export_round_trip(planted: PlantedModel, tmp_path) -> None:

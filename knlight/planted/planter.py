@@ -48,7 +48,15 @@ from typing import Any
 import torch
 
 from knlight.planted.build import Planter, assign_neurons, build_model
-from knlight.planted.config import TOKENIZER_FOR, PlantConfig
+from knlight.planted.config import (
+    CARRIER_KINDS,
+    KINDS,
+    STANDARD_KINDS,
+    TOKENIZER_FOR,
+    PlantConfig,
+    PlantedNeuron,
+    config_to_dict,
+)
 from knlight.planted.initialisation import initialise
 from knlight.planted.model import PlantedModel
 from knlight.planted.training import train
@@ -56,7 +64,21 @@ from knlight.planted.verify import activation_report, answer_probs, verify_plant
 
 log = logging.getLogger(__name__)
 
-__all__ = ["assign_neurons", "build_model", "plant", "verify_plant"]
+# What this module held before the split, still importable from here.
+__all__ = [
+    "CARRIER_KINDS",
+    "KINDS",
+    "STANDARD_KINDS",
+    "TOKENIZER_FOR",
+    "PlantConfig",
+    "PlantedModel",
+    "PlantedNeuron",
+    "assign_neurons",
+    "build_model",
+    "config_to_dict",
+    "plant",
+    "verify_plant",
+]
 
 
 def plant(model_type: str = "gpt2", seed: int = 0, **overrides: Any) -> PlantedModel:
