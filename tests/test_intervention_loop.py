@@ -207,7 +207,7 @@ def test_unrelated_sample_is_other_facts_same_language_and_seeded() -> None:
     sample = pool.unrelated(items[0], 5, "any", seed=3)
     assert len(sample) == 5 and all(i["uuid"] != "F1" and i["language"] == "en" for i in sample)
     assert pool.unrelated(items[0], 5, "any", seed=3) == sample
-    assert pool.unrelated(items[0], 5, "any", seed=4) != sample
+    assert any(pool.unrelated(items[0], 5, "any", seed=s) != sample for s in range(4, 12))  # the seed matters
     assert len(pool.unrelated(items[0], 50, "any", seed=3)) == 8  # every other fact's query in that language
     assert {i["uuid"] for i in pool.unrelated(items[0], 50, "same", seed=3)} == {"F2"}
     assert {i["uuid"] for i in pool.unrelated(items[0], 50, "other", seed=3)} == {"F3"}
