@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import (
@@ -72,7 +72,8 @@ class KnlightCLI(LightningCLI):
         for subcommand in self.subcommands():
             description = _get_short_description(getattr(self.trainer_class, subcommand))
             subparser_kwargs = {"description": description, **kwargs.get(subcommand, {})}
-            subparser = self._prepare_subcommand_parser(self.trainer_class, subcommand, **subparser_kwargs)
+            trainer_class = cast(type, self.trainer_class)
+            subparser = self._prepare_subcommand_parser(trainer_class, subcommand, **subparser_kwargs)
             self._subcommand_parsers[subcommand] = subparser
             subcommands.add_subcommand(subcommand, subparser, help=description)
         for name, (_, _, help_text) in COMMANDS.items():
@@ -84,7 +85,7 @@ class KnlightCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """A re-run of a killed fit resumes in its own run folder (see :mod:`knlight.resume`)."""
+        """A re-run of a killed fit resumes in its own run folder (see :mod:`knlight.callbacks.fit_resume`)."""
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_fit(
             self.trainer, self.model, self.datamodule, config.get("ckpt_path"), config.get("seed_everything")

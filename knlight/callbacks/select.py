@@ -60,7 +60,7 @@ class SelectNeurons(pl.Callback):
         assert writer.dir is not None
         run = read_attributions(writer.dir)
         output = self.output or str(writer.dir / "neurons.json")
-        model_name = run.hparams.get("model") or getattr(pl_module, "model_name", "")
+        model_name = str(run.hparams.get("model") or getattr(pl_module, "model_name", ""))
         lm = getattr(pl_module, "lm", None) if self.dkn.enabled else None
         select_run(run, output, model_name, lm, languages=self.languages, kn=self.kn, likn=self.likn,
                    uncertainty=self.uncertainty, dkn=self.dkn)  # fmt: skip

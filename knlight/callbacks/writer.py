@@ -215,9 +215,10 @@ class AttributionWriter(BasePredictionWriter):
             previous = read_run_file(self.dir)
             write_text_atomically(self.dir / RUN, run_file_text(current, previous))
             done = self._done_items
-            if hasattr(pl_module, "input_hash"):  # a task whose results record their inputs
+            task: Any = pl_module  # any task: the attributes it offers are looked up, not its class
+            if hasattr(task, "input_hash"):  # a task whose results record their inputs
                 check_inputs(
-                    self.dir, done, _dataset_items(trainer), pl_module.item_key, pl_module.input_hash,
+                    self.dir, done, _dataset_items(trainer), task.item_key, task.input_hash,
                     current["model"].get("hash"),
                 )  # fmt: skip
             found["attempt"] = 1 + max((self._attempt_of(p) for p in self.shards()), default=0)
@@ -227,10 +228,11 @@ class AttributionWriter(BasePredictionWriter):
         self.attempt = trainer.strategy.broadcast(found["attempt"])
         done_inputs: dict[tuple[Any, ...], str | None] = trainer.strategy.broadcast(found["done"])
         self.previously_done = set(done_inputs)
-        if hasattr(pl_module, "done_keys"):  # a task that skips the items done before
-            pl_module.done_keys = set(self.previously_done)
-        if hasattr(pl_module, "done_inputs"):
-            pl_module.done_inputs = {k: v for k, v in done_inputs.items() if v is not None}
+        task: Any = pl_module
+        if hasattr(task, "done_keys"):  # a task that skips the items done before
+            task.done_keys = set(self.previously_done)
+        if hasattr(task, "done_inputs"):
+            task.done_inputs = {k: v for k, v in done_inputs.items() if v is not None}
         if self.previously_done and trainer.is_global_zero:
             log.info("resuming in %s: %d items already done", self.dir, len(self.previously_done))
         self._started = time.perf_counter()  # after the model is loaded: items/s measures attribution only
@@ -262,8 +264,9 @@ class AttributionWriter(BasePredictionWriter):
         }
         if with_model:
             identity = {}
-            if hasattr(pl_module, "model_identity"):
-                identity = {**pl_module.model_identity(), "hash": pl_module.model_hash()}
+            module: Any = pl_module
+            if hasattr(module, "model_identity"):
+                identity = {**module.model_identity(), "hash": module.model_hash()}
             fingerprint["model"] = identity
         return _jsonable(fingerprint)
 
