@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from knlight.neurons.neuron import Neuron
 from knlight.neurons.neuron_file import read_neuron_file
-
-Neuron = tuple[int, int]
 
 SET_RULES = ("language_independent", "uncertainty", "degenerate")
 """Rules that take one named set of the fact's entry as it is."""

@@ -13,8 +13,8 @@ from torch import nn
 from knlight.errors import KnlightError
 from knlight.lm import LanguageModel
 from knlight.lm.sites import NeuronSites, neuron_columns, resolve_sites
-
-Neuron = tuple[int, int]
+from knlight.neurons.neuron import Neuron
+from knlight.neurons.neuron import check_neurons as check_range
 
 
 class NeuronEditError(KnlightError, ValueError):
@@ -80,9 +80,4 @@ def model_layout(model: nn.Module | LanguageModel) -> EditLayout:
 
 def check_neurons(neurons: Iterable[Neuron], num_layers: int, d_ff: int, source: str = "neuron set") -> None:
     """Raise :class:`NeuronEditError` naming the first neuron outside a model of the given size."""
-    for layer, index in neurons:
-        if not (0 <= int(layer) < num_layers and 0 <= int(index) < d_ff):
-            raise NeuronEditError(
-                f"{source}: neuron (layer={layer}, index={index}) is outside this model ({num_layers} "
-                f"layers × {d_ff} neurons); was it selected on another model?"
-            )
+    check_range(neurons, num_layers, d_ff, source=source, error=NeuronEditError)

@@ -19,21 +19,10 @@ import torch
 from knlight.lm.hooks import edit_activations
 from knlight.lm.prompts import EncodedQuery
 from knlight.lm.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
-
-Neuron = tuple[int, int]
+from knlight.neurons.neuron import Neuron, check_neurons
 
 MIN_CACHED_ROWS = 4
 """A causal query with at least this many rows runs its prefix once (KV cache); fewer rows run whole."""
-
-
-def check_neurons(neurons: Sequence[Neuron], num_layers: int, d_ff: int, source: str = "neuron set") -> None:
-    """Raise a clear error for neurons outside the model (e.g. a neuron file from another model)."""
-    for layer, index in neurons:
-        if not (0 <= layer < num_layers and 0 <= index < d_ff):
-            raise ValueError(
-                f"{source}: neuron (layer={layer}, index={index}) is outside this model ({num_layers} layers "
-                f"× {d_ff} neurons); was it selected on another model?"
-            )
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from knlight.errors import KnlightError
 from knlight.io import write_text_atomically
+from knlight.neurons.neuron import Neuron
 
-Neuron = tuple[int, int]
 FORMAT = "knlight-neurons/1"
 
 NeuronKind = Literal["language", "language_independent", "uncertainty", "degenerate"]
