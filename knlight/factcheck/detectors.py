@@ -43,7 +43,7 @@ from knlight.errors import DataError
 from knlight.factcheck.claims import FALSE_CLAIM, TRUE_CLAIM
 from knlight.factcheck.readouts import amig_attribution, readout
 from knlight.lm.prompts import EncodedQuery
-from knlight.neurons.interventions import Neuron
+from knlight.neurons.neuron import Neuron
 
 FEATURES: tuple[str, ...] = (
     "amig", "log_prob", "rank", "gxa_mean", "gxa_min", "gxa_max", "act_mean", "act_min", "act_max", "n_tokens",

@@ -22,7 +22,7 @@ from knlight.lm.hooks import edit_activations
 from knlight.lm.prompts import EncodedQuery, QueryError
 from knlight.lm.upstream import last_hidden_state
 from knlight.neurons.attribution import attribute_batch
-from knlight.neurons.interventions import Neuron
+from knlight.neurons.neuron import Neuron
 
 
 def encode_claim(lm: Any, claim: Claim) -> EncodedQuery:

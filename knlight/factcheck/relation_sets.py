@@ -33,7 +33,7 @@ from knlight.factcheck.readouts import encode_claim
 from knlight.lm.prompts import EncodedQuery
 from knlight.neurons.attribution import attribute_batch
 from knlight.neurons.ig import IGOptions
-from knlight.neurons.interventions import Neuron
+from knlight.neurons.neuron import Neuron
 from knlight.neurons.neuron_file import read_neuron_file
 from knlight.neurons.selection import degenerate_neurons, mask_to_neurons, top_k_mask
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from knlight.lm.prompts import EncodedQuery, QueryError
-from knlight.neurons.interventions import Neuron
+from knlight.neurons.neuron import Neuron
 from knlight.neurons.neuron_file import FactNeurons
 from knlight.neurons.selection import (
     adaptive_refine,

@@ -55,7 +55,7 @@ from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery
 from knlight.metrics.factcheck import ClaimScores, complete_thresholds, curve_figures, results_table
 from knlight.neurons.ig import IGOptions
-from knlight.neurons.interventions import Neuron
+from knlight.neurons.neuron import Neuron
 from knlight.tasks.base import BaseTask
 from knlight.tasks.factcheck_data import FactCheckDataModule
 
