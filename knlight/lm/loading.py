@@ -124,8 +124,8 @@ def load_lm(
 
     Args:
         model_or_name_or_path: A loaded Hugging Face LM-head model, a hub id (elsewhere; no hub here), a local
-            folder / ``.gguf`` file, a named packaged model (``"gemma3-270m"``, see :mod:`knlight.lm.real`)
-            or ``"tiny:<model_type>"`` (a tiny random model, see :mod:`knlight.lm.tiny`).
+            folder / ``.gguf`` file, a named packaged model (``"gemma3-270m"``, ``"smollm2-135m"``, see
+            :mod:`knlight.lm.real`) or ``"tiny:<model_type>"`` (a tiny random model, see :mod:`knlight.lm.tiny`).
         tokenizer: Tokenizer, or where to load it from (default: same as the model).
         dtype: Weight/compute dtype (``"float32"`` default, ``"bf16"``, ``"fp16"``).
         device: Where to put the model (default: leave it where it is / CPU).

@@ -19,8 +19,8 @@ class LMOptions:
 
     model: str
     """Hub id (``bert-base-multilingual-cased``, ``ai-forever/mGPT``, ...; elsewhere: there is no hub here),
-    local folder or ``.gguf`` file, a packaged model (``gemma3-270m``) or ``tiny:<arch>[:seed]`` (a tiny random
-    model for tests and demos)."""
+    local folder or ``.gguf`` file, a packaged model (``gemma3-270m``, ``smollm2-135m``) or ``tiny:<arch>[:seed]``
+    (a tiny random model for tests and demos)."""
     tokenizer: str | None = None
     """Where to load the tokenizer from (default: the model's)."""
     dtype: str | None = None
