@@ -5,6 +5,10 @@ teacher-forced for causal LMs). The definitions (quadratures, IG problems, optio
 :mod:`knlight.neurons.ig`. The driver (:func:`attribute_batch`) turns queries into *IG problems* (one per item
 x answer token x layer x baseline) and hands them to an engine (:mod:`knlight.neurons.engines`): ``reference``
 (plain autograd, one layer at a time: the oracle) or ``fast`` (same numbers, far fewer FLOPs).
+
+``method`` picks exact IG (``ig``, the default) or a labelled approximation (:mod:`knlight.neurons.approx`):
+``steps1_zero`` runs the same engines with the one-node rule α = 0; ``grad_x_act`` and ``joint_ig`` replace the
+engine's integration by their own passes. The result names its method (:attr:`Attribution.method`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from knlight.lm.prompts import EncodedQuery
+from knlight.neurons.approx import LEFT_ENDPOINT, clean_gradients, joint_path_gradients
 from knlight.neurons.engines import make_engine
-from knlight.neurons.ig import BASELINES, Problems, objective_value, quadrature
+from knlight.neurons.ig import BASELINES, METHODS, Problems, objective_value, quadrature
 
 
 @dataclass
@@ -31,6 +36,9 @@ class Attribution:
         delta: ``[N, len(layers)]`` F(ā) - F(a') summed over answer tokens (and baselines).
         residual: ``[N, len(layers)]`` completeness residual sum_i Attr - delta (before any normalisation);
             NaN when completeness was not computed.
+        method: How the scores were computed: ``ig`` (exact) or an approximation (``grad_x_act``,
+            ``steps1_zero``, ``joint_ig``: see :mod:`knlight.neurons.approx`). ``delta`` and ``residual`` are NaN
+            for ``grad_x_act`` and ``joint_ig`` (they have no per-layer path to complete).
     """
 
     scores: torch.Tensor
@@ -38,6 +46,7 @@ class Attribution:
     prob: torch.Tensor
     delta: torch.Tensor
     residual: torch.Tensor
+    method: str = "ig"
 
 
 def baseline_sequences(encoded: EncodedQuery, replacement_id: int) -> list[tuple[int, ...]]:
@@ -56,6 +65,7 @@ def attribute_batch(
     lm: object,
     items: Sequence[tuple[str, str] | EncodedQuery],
     *,
+    method: str = "ig",
     layers: Sequence[int] | None = None,
     steps: int = 20,
     baseline: str = "zero",
@@ -71,6 +81,11 @@ def attribute_batch(
     Args:
         lm: A :class:`knlight.LanguageModel`.
         items: ``(query, answer)`` pairs (query with the object slot ``[Y]``) or already encoded queries.
+        method: ``ig`` (exact IG, the default) or a labelled approximation: ``grad_x_act`` (gradient x
+            activation at the clean point, one forward + one backward), ``steps1_zero`` (gradient at the zero
+            activation x activation per layer, EasyEdit's ``steps: 1``; zero baseline only), ``joint_ig`` (all
+            layers along one path). ``steps``/``quadrature_name`` apply to ``ig`` and ``joint_ig``, ``engine``
+            to ``ig`` and ``steps1_zero``.
         layers: Layers to attribute (default all), in output order.
         steps: Number of quadrature nodes m.
         baseline: ``"zero"`` (Dai et al.) or ``"amig"`` (one baseline per query word: [MASK] / EOS).
@@ -83,8 +98,14 @@ def attribute_batch(
         completeness: Also evaluate F(a') to report the completeness residual (one extra row per problem when
             the quadrature has no α=0 node).
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    if method == "steps1_zero" and baseline != "zero":
+        raise ValueError(
+            f"method 'steps1_zero' is the gradient at the zero activation: use baseline 'zero', not {baseline!r}"
+        )
     if aggregation not in ("paper", "code"):
         raise ValueError(f"unknown aggregation {aggregation!r}; choose 'paper' or 'code'")
     objective_value(torch.zeros(1), objective)  # validates the name early
@@ -93,13 +114,18 @@ def attribute_batch(
     bad = [x for x in layer_list if not 0 <= x < num_layers]
     if bad or not layer_list:
         raise ValueError(f"layers {bad or layer_list} out of range: the model has layers 0..{num_layers - 1}")
-    alphas, weights = quadrature(quadrature_name, steps)
+    alphas, weights = LEFT_ENDPOINT if method == "steps1_zero" else quadrature(quadrature_name, steps)
     encoded = [it if isinstance(it, EncodedQuery) else lm.encode(*it) for it in items]  # type: ignore[attr-defined]
-    eng = make_engine(engine, lm, chunk_rows=chunk_rows)
+    exact_engine = method in ("ig", "steps1_zero")
+    # The approximations run their own passes; the reference engine's clean pass keeps no states for a sweep.
+    eng = make_engine(engine if exact_engine else "reference", lm, chunk_rows=chunk_rows)
 
     seqs = [e.input_ids for e in encoded]
     targets = [e.targets for e in encoded]
-    clean = eng.clean(seqs, targets, keep=True)
+    if method == "grad_x_act":
+        clean, clean_grads = clean_gradients(lm, encoded, layer_list, objective, chunk_rows)
+    else:
+        clean = eng.clean(seqs, targets, keep=exact_engine)
     layer_idx = torch.tensor(layer_list)
     n = len(encoded)
     scores = torch.zeros(n, len(layer_list), d_ff)
@@ -108,6 +134,7 @@ def attribute_batch(
 
     # One entry per (item, target token, baseline): sequence, target, clean activation ā and path start a'.
     seq_i, pos_i, tok_i, abar_list, base_list, clean_f = [], [], [], [], [], []
+    grad_list: list[torch.Tensor] = []  # grad_x_act: the clean-point gradient of each entry
     word_bases: list[list[torch.Tensor]] = []
     if baseline == "amig":
         base_seqs, owner = [], []
@@ -138,6 +165,8 @@ def attribute_batch(
                 tok_i.append(tok)
                 abar_list.append(a_bar)
                 base_list.append(b)
+                if method == "grad_x_act":
+                    grad_list.append(clean_grads[i][k])
                 clean_f.append(objective_value(clean.log_probs[i][k].float(), objective))
 
     # Expand entries over layers: problem p = (entry, layer slot).
@@ -153,8 +182,20 @@ def attribute_batch(
     )
     # AMIG's code multiplies by ā instead of (ā - a').
     prefactor = a_bar_all if aggregation == "code" and baseline == "amig" else a_bar_all - base
-    grad_sum, f_base = eng.integrate(problems, alphas, weights, objective, need_f0=completeness)
-    attr = prefactor * grad_sum.reshape(n_entries, n_layers, d_ff)
+    if exact_engine:
+        grad_sum, f_base = eng.integrate(problems, alphas, weights, objective, need_f0=completeness)
+        grad_sum = grad_sum.reshape(n_entries, n_layers, d_ff)
+    else:
+        completeness = False  # no per-layer path: delta and residual stay NaN
+        f_base = torch.full((n_entries * n_layers,), math.nan)
+        if method == "grad_x_act":
+            grad_sum = torch.stack(grad_list)
+        else:
+            grad_sum = joint_path_gradients(
+                lm, encoded, seq_i, pos_i, tok_i, base, a_bar_all - base, layer_list, alphas, weights,
+                objective, chunk_rows,
+            )  # fmt: skip
+    attr = prefactor * grad_sum
     f_base = f_base.reshape(n_entries, n_layers)
     owner_t = torch.tensor(seq_i)
     scores.index_add_(0, owner_t, attr)
@@ -164,7 +205,9 @@ def attribute_batch(
     if baseline == "amig" and aggregation == "paper":
         scores = scores / raw_sum.abs().clamp_min(1e-12)[..., None]
     prob = torch.stack([lp.sum().exp() for lp in clean.log_probs]).float()
-    return Attribution(scores=scores, layers=layer_list, prob=prob, delta=delta, residual=residual)
+    return Attribution(
+        scores=scores, layers=layer_list, prob=prob, delta=delta, residual=residual, method=method
+    )
 
 
 def attribute(
@@ -172,6 +215,7 @@ def attribute(
     query: str,
     answer: str,
     *,
+    method: str = "ig",
     layers: Sequence[int] | None = None,
     steps: int = 20,
     baseline: str = "zero",
@@ -189,6 +233,7 @@ def attribute(
     result = attribute_batch(
         lm,
         [(query, answer)],
+        method=method,
         layers=layers,
         steps=steps,
         baseline=baseline,

@@ -1,6 +1,6 @@
-"""The fast IG engine: the same numbers as ``reference``, far fewer FLOPs.
+"""The fast IG engine: the same numbers as ``reference``, far fewer FLOPs, run as large matmuls.
 
-Both compute, for a batch of :class:`~knlight.neurons.attribution.Problems`, ``sum_k w_k dF/da`` along
+Both compute, for a batch of :class:`~knlight.neurons.ig.Problems`, ``sum_k w_k dF/da`` along
 ``a = base + α_k·diff`` at one layer and one target position, plus F at α=0 (for the completeness residual).
 
 The fast engine:
@@ -11,14 +11,19 @@ The fast engine:
 * the scaled rows start at the cached input of their layer (nothing below it is recomputed) and rows of all
   layers advance together through the blocks ("staircase": a row joins when the sweep reaches its layer);
 * causal LMs: scaling ``h_l`` at the last position changes nothing at earlier positions, so a row is a
-  *single-token* pass through layers l..L-1 that attends to the clean keys/values (exact);
-* the LM head (and final norm) is applied only at the target rows;
-* prompts of a batch share the sweep (padding, per-row target index); ``chunk_rows`` bounds memory.
+  *single-token* pass through layers l..L-1 that attends to the clean keys/values (exact). The m rows of one
+  problem go through a block as one m-token unit ``[units, m, d]`` that shares one copy of the clean
+  keys/values and sees its own keys through a diagonal mask (:mod:`knlight.neurons.fast_rows`), so attention
+  is a batched matmul and nothing is copied per row;
+* masks, positions and the other call arguments are re-indexed once per chunk and sliced per layer;
+* the LM head (and final norm) is applied only at the target rows, in sub-chunks of ``head_rows`` rows whose
+  gradient is taken at once, so the ``[rows, vocab]`` logits never exist for more than a sub-chunk;
+* prompts of a batch share the sweep (padding, per-row target index); ``chunk_rows`` bounds memory
+  (:mod:`knlight.neurons.memory` plans it from a budget).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,45 +39,28 @@ from knlight.lm.upstream import (
     last_hidden_state,
     upstream_error,
 )
+from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, map_tensors
 from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
 
-
-def _map_tensors(obj: Any, fn: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-class _BlockCall:
-    """The arguments one block received in the clean pass, normalised to keyword form."""
-
-    def __init__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = inspect.signature(block.forward).bind(*args, **kwargs)
-        named = dict(bound.arguments)
-        params = inspect.signature(block.forward).parameters
-        for name, param in params.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-                named.update(named.pop(name))
-            elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in named and named.pop(name):
-                raise TypeError(f"{type(block).__name__} got extra positional arguments; cannot replay it")
-        first = next(iter(params))
-        self.hidden: torch.Tensor = named.pop(first)
-        self.kwargs = named
+_Rows = Rows  # the name tests patch to simulate a replay that ignores the model's mask
+DEFAULT_CHUNK_ROWS = {True: 64, False: 512}
+"""Rows per chunk when neither ``chunk_rows`` nor a budget is given (masked, causal)."""
 
 
 class FastEngine:
-    """Exact IG with cached clean states, single-token causal sweeps and batched rows (see module doc)."""
+    """Exact IG with cached clean states, single-token causal sweeps and batched rows (see module doc).
 
-    def __init__(self, lm: Any, chunk_rows: int | None = None) -> None:
+    Args:
+        lm: A :class:`knlight.LanguageModel`.
+        chunk_rows: Rows (problems × quadrature nodes) per sweep; None for the default.
+        head_rows: Rows per LM-head sub-chunk; None: as many as keep the logits within ~256 MB.
+    """
+
+    def __init__(self, lm: Any, chunk_rows: int | None = None, head_rows: int | None = None) -> None:
         self.lm = lm
-        self.chunk_rows = chunk_rows or (64 if lm.masked else 512)
-        self._calls: list[_BlockCall] = []
+        self.chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS[bool(lm.masked)]
+        self.head_rows = head_rows or max(8, (256 << 20) // (16 * _vocab(lm)))
+        self._calls: list[BlockCall] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._clean_lp: dict[tuple[int, int], float] = {}
 
@@ -83,7 +71,7 @@ class FastEngine:
         sites, device = lm.sites, lm.device
         ids, mask = lm.pad(seqs)
         store: dict[int, torch.Tensor] = {}
-        calls: dict[int, _BlockCall] = {}
+        calls: dict[int, BlockCall] = {}
         # Causal LMs: a cache of knlight's own, found again in every block's call by type, whatever its keyword.
         cache = RecordingCache() if keep_states and not lm.masked else None
         handles = []
@@ -91,7 +79,7 @@ class FastEngine:
             for j, block in enumerate(sites.blocks):
 
                 def pre_hook(module: nn.Module, args: tuple, kwargs: dict, j: int = j) -> None:
-                    calls[j] = _BlockCall(module, args, kwargs)
+                    calls[j] = BlockCall(module, args, kwargs)
                     if cache is not None:
                         cache.current_block = j
 
@@ -131,9 +119,7 @@ class FastEngine:
         acts_all = torch.stack([store[layer][rows, pos] for layer in range(sites.num_layers)], dim=1).cpu()
         counts = [len(tgt) for tgt in targets]
         if keep:
-            self._clean_lp = {
-                (int(r), int(p)): float(v) for r, p, v in zip(rows.tolist(), pos.tolist(), log_probs.tolist())
-            }
+            self._clean_lp = dict(zip(zip(rows.tolist(), pos.tolist()), log_probs.tolist()))
         return CleanPass(list(acts_all.split(counts)), list(log_probs.split(counts)))
 
     # -- sweep ----------------------------------------------------------------------------------------------
@@ -181,6 +167,15 @@ class FastEngine:
                     f"{clean:.6g}: the blocks are called differently than knlight expects",
                 )
 
+    def _grouped(self) -> bool:
+        """Causal rows of a problem go through a block as one unit unless a 2-D (flash) mask forbids it."""
+        return not any(
+            isinstance(v, torch.Tensor) and v.dim() == 2
+            for call in self._calls
+            for k, v in call.kwargs.items()
+            if k == "attention_mask"
+        )
+
     def _sweep(
         self,
         problems: Problems,
@@ -192,45 +187,48 @@ class FastEngine:
         lm, sites = self.lm, self.lm.sites
         device, dtype = lm.device, next(lm.model.parameters()).dtype
         m = len(nodes)
-        # Rows: problem-major, node-minor; problems are sorted by layer so each layer's rows are contiguous.
-        row_seq = problems.seq[chunk].repeat_interleave(m)
-        row_pos = problems.position[chunk].repeat_interleave(m)
-        row_tok = problems.token[chunk].repeat_interleave(m)
-        row_layer = problems.layer[chunk].repeat_interleave(m)
+        causal = not lm.masked
+        # Units: problems sorted by layer (each layer's units contiguous); g rows each (g = m: grouped causal).
+        group = m if causal and self._grouped() else 1
+        reps = m // group
+        unit_seq = problems.seq[chunk].repeat_interleave(reps)
+        unit_pos = problems.position[chunk].repeat_interleave(reps)
+        unit_layer = problems.layer[chunk].repeat_interleave(reps)
         path = (
             problems.base[chunk].double()[:, None]
             + nodes[None, :, None] * problems.diff[chunk].double()[:, None]
         )
-        path = path.reshape(len(row_seq), -1).to(device=device, dtype=dtype)
-        causal = not lm.masked
-        first = int(row_layer.min())
-        bounds = torch.searchsorted(row_layer, torch.arange(sites.num_layers + 1))
+        path = path.reshape(len(unit_seq), group, -1).to(device=device, dtype=dtype)
+        if not causal:
+            path = path[:, 0]  # masked rows: one row per unit, scaled at its target position
+        args = _ChunkArgs(self, unit_seq, unit_pos, group)
+        first = int(unit_layer.min())
+        bounds = torch.searchsorted(unit_layer, torch.arange(sites.num_layers + 1)).tolist()
         leaves: list[torch.Tensor] = []
         hidden: torch.Tensor | None = None
         for j in range(first, sites.num_layers):
-            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            lo, hi = bounds[j], bounds[j + 1]
             call = self._calls[j]
             if hi > lo:
-                # Causal rows start as the single target token; masked rows as the whole sequence.
-                new = (
-                    call.hidden[row_seq[lo:hi], row_pos[lo:hi]][:, None, :]
-                    if causal
-                    else call.hidden[row_seq[lo:hi]]
-                )
+                seq, pos = unit_seq[lo:hi], unit_pos[lo:hi]
+                # Causal units start as g copies of the target token; masked rows as the whole sequence.
+                new = call.hidden[seq, pos][:, None, :].expand(-1, group, -1) if causal else call.hidden[seq]
                 hidden = new if hidden is None else torch.cat([hidden, new])
             assert hidden is not None
-            active = hidden.shape[0]
-            kwargs = self._kwargs(j, row_seq[:active], row_pos[:active])
+            kwargs = args.for_layer(j, hidden.shape[0])
             if hi > lo:
                 leaf = path[lo:hi].clone().requires_grad_(True)
                 leaves.append(leaf)
-                rows = torch.arange(lo, hi, device=device)
-                at = torch.zeros_like(rows) if causal else row_pos[lo:hi].to(device)
+                put: Any
+                if causal:
 
-                def put(
-                    h: torch.Tensor, rows: torch.Tensor = rows, at: torch.Tensor = at, leaf=leaf
-                ) -> torch.Tensor:
-                    return h.index_put((rows, at), leaf.to(h.dtype))
+                    def put(h: torch.Tensor, lo: int = lo, leaf: torch.Tensor = leaf) -> torch.Tensor:
+                        return torch.cat([h[:lo], leaf.to(h.dtype)])
+                else:
+                    at = (torch.arange(lo, hi, device=device), unit_pos[lo:hi].to(device))
+
+                    def put(h: torch.Tensor, at: Any = at, leaf: torch.Tensor = leaf) -> torch.Tensor:  # type: ignore[misc]
+                        return h.index_put(at, leaf.to(h.dtype))
 
                 with edit_activations(sites.out_projs[j], put):
                     out = sites.blocks[j](hidden, **kwargs)
@@ -238,143 +236,122 @@ class FastEngine:
                 out = sites.blocks[j](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         assert hidden is not None
-        take = torch.zeros(len(row_seq), dtype=torch.long) if causal else row_pos
-        final = hidden[torch.arange(len(row_seq)), take.to(device)]
-        value = objective_value(
-            gold_log_probs(self.lm.head(final, final_norm=True), row_tok.to(device)), objective
-        )
-        grads = torch.autograd.grad(value.sum(), leaves)
+        if causal:
+            final = hidden.reshape(-1, hidden.shape[-1])
+        else:
+            final = hidden[torch.arange(len(unit_seq), device=device), unit_pos.to(device)]
+        tokens = problems.token[chunk].repeat_interleave(m).to(device)
+        value, final_grad = self._head_grad(final, tokens, objective)
+        grads = torch.autograd.grad(final, leaves, grad_outputs=final_grad)
         grad = torch.cat(grads).float().cpu().reshape(len(chunk), m, -1)
         grad_sum = (node_w.float()[None, :, None] * grad).sum(1)
-        return grad_sum, value.detach().float().cpu().reshape(len(chunk), m)
+        return grad_sum, value.float().cpu().reshape(len(chunk), m)
 
-    def _kwargs(self, j: int, row_seq: torch.Tensor, row_pos: torch.Tensor) -> dict[str, Any]:
-        """Block ``j``'s clean call arguments, re-indexed for the active rows."""
-        call = self._calls[j]
+    def _head_grad(
+        self, final: torch.Tensor, tokens: torch.Tensor, objective: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """F and dF/d(final hidden) of every row, the head run in sub-chunks (the logits of one at a time)."""
+        x = final.detach()
+        values = torch.empty(len(x), dtype=torch.float32, device=x.device)
+        grads = torch.empty_like(x)
+        for start in range(0, len(x), self.head_rows):
+            part = slice(start, start + self.head_rows)
+            xs = x[part].detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = objective_value(
+                    gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part]), objective
+                )
+                (grads[part],) = torch.autograd.grad(value.sum(), xs)
+            values[part] = value.detach()
+        return values, grads
+
+
+def _vocab(lm: Any) -> int:
+    """Vocabulary size of the LM head (rows of its output)."""
+    out = getattr(lm.model.get_output_embeddings(), "out_features", None)
+    return int(out or lm.model.config.vocab_size)
+
+
+class _ChunkArgs:
+    """A chunk's block arguments, re-indexed once per distinct clean tensor and sliced to the active units."""
+
+    def __init__(
+        self, engine: FastEngine, unit_seq: torch.Tensor, unit_pos: torch.Tensor, group: int
+    ) -> None:
+        self.engine, self.unit_seq, self.unit_pos, self.group = engine, unit_seq, unit_pos, group
+        self._built: dict[tuple[int, str], Any] = {}
+        self._per_unit: set[int] = set()  # ids of the built tensors that have one entry per unit
+
+    def _once(self, key: tuple[int, str], build: Any, per_unit: bool = True) -> Any:
+        """``build()`` the first time ``key`` is seen in this chunk (``per_unit``: all its tensors are)."""
+        if key not in self._built:
+            built = build()
+            if per_unit:
+                map_tensors(built, lambda t: self._per_unit.add(id(t)))
+            self._built[key] = built
+        return self._built[key]
+
+    def for_layer(self, j: int, active: int) -> dict[str, Any]:
+        """Block ``j``'s clean call arguments for the first ``active`` units of the chunk."""
+        call = self.engine._calls[j]
         batch, width = call.hidden.shape[:2]
+        seq = self.unit_seq
 
         def by_row(x: torch.Tensor) -> torch.Tensor:
-            return x[row_seq.to(x.device)] if x.dim() > 0 and x.shape[0] == batch else x
+            if x.dim() == 0 or x.shape[0] != batch:
+                return x
+            out = x[seq.to(x.device)]
+            self._per_unit.add(id(out))
+            return out
 
-        if self.lm.masked:
-            return {k: _map_tensors(v, by_row) for k, v in call.kwargs.items()}
-        # Causal single-token rows: row r is position t_r attending to the clean keys/values before it.
-        block = self.lm.sites.blocks[j]
-        rows = _Rows(block, row_seq, row_pos, batch, width)
+        def head(x: Any) -> Any:
+            return map_tensors(x, lambda t: t[:active] if id(t) in self._per_unit else t)
+
+        if self.engine.lm.masked:
+            return {
+                k: head(self._once((id(v), k), lambda v=v: map_tensors(v, by_row), per_unit=False))
+                for k, v in call.kwargs.items()
+            }
+        block = self.engine.lm.sites.blocks[j]
+        rows = Rows(block, seq, self.unit_pos, batch, width, self.group)
         kwargs: dict[str, Any] = {}
         for name, value in call.kwargs.items():
+            key = (id(value), name)
             if is_cache(value):
-                keys, values = self._kv[j]
-                rs = row_seq.to(keys.device)
+                keys, values = self.engine._kv[j]
+                rs = seq[:active].to(keys.device)
                 kwargs[name] = RowCache(keys[rs, :, : rows.seq_len], values[rs, :, : rows.seq_len])
             elif name == "attention_mask":
-                kwargs[name] = rows.mask(value, call.hidden.dtype)
+                kwargs[name] = head(self._once(key, lambda v=value: rows.mask(v, call.hidden.dtype)))
             elif name == "position_ids":
-                kwargs[name] = None if value is None else rows.at_target(name, value)[:, None]
-            elif name == "position_embeddings":
-                kwargs[name] = _map_tensors(
-                    value, lambda x: rows.at_target("position_embeddings", x)[:, None]
+                kwargs[name] = (
+                    None
+                    if value is None
+                    else head(self._once(key, lambda v=value: rows.per_row("position_ids", v)))
                 )
-            elif name == "cache_position":  # transformers < 5.24: the new token's index in the cache
-                kwargs[name] = None if value is None else torch.tensor([rows.seq_len], device=value.device)
+            elif name == "position_embeddings":
+                built = self._once(
+                    key, lambda v=value: map_tensors(v, lambda x: rows.per_row("position_embeddings", x))
+                )
+                kwargs[name] = head(built)
+            elif name == "cache_position":  # transformers < 5.24: the new tokens' indices in the cache
+                kwargs[name] = (
+                    None
+                    if value is None
+                    else torch.arange(rows.seq_len, rows.seq_len + self.group, device=value.device)
+                )
             elif name == "alibi":
-                kwargs[name] = rows.alibi(value)
-            elif _has_axis(value, width):
+                alibi = self._once(key, lambda v=value: rows.alibi(v))
+                kwargs[name] = alibi[: active * (alibi.shape[0] // len(seq))]
+            elif has_axis(value, width):
                 raise upstream_error(
                     block,
                     f"argument {name!r} has a sequence axis knlight cannot re-index for single-token rows",
                 )
             else:
-                kwargs[name] = _map_tensors(value, by_row)
+                kwargs[name] = head(self._once(key, lambda v=value: map_tensors(v, by_row), per_unit=False))
         if not any(is_cache(v) for v in call.kwargs.values()):
             raise upstream_error(
                 block, "no transformers Cache among its arguments; cannot sweep single tokens"
             )
         return kwargs
-
-
-def _has_axis(value: Any, size: int) -> bool:
-    """True when a tensor (or a tensor inside a tuple/list/dict) has an axis of ``size`` after the first."""
-    if isinstance(value, torch.Tensor):
-        return size in value.shape[1:]
-    if isinstance(value, tuple | list):
-        return any(_has_axis(v, size) for v in value)
-    if isinstance(value, dict):
-        return any(_has_axis(v, size) for v in value.values())
-    return False
-
-
-class _Rows:
-    """Re-indexes a block's clean call for single-token rows ``(sequence, target position)``.
-
-    Everything comes from the tensors transformers itself built for the clean pass (masks with their sliding
-    windows and padding, position ids and embeddings, ALiBi), read at each row's position: nothing is rebuilt
-    from config names. Shapes that do not fit raise :class:`~knlight.lm.upstream.UpstreamError`.
-    """
-
-    def __init__(
-        self, block: nn.Module, row_seq: torch.Tensor, row_pos: torch.Tensor, batch: int, width: int
-    ) -> None:
-        self.block, self.batch, self.width = block, batch, width
-        self.row_seq, self.row_pos = row_seq, row_pos
-        self.seq_len = int(row_pos.max())
-
-    def _index(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq = self.row_seq if x.shape[0] == self.batch else torch.zeros_like(self.row_seq)
-        return seq.to(x.device), self.row_pos.to(x.device)
-
-    def at_target(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x[sequence, position]`` per row, for a ``[batch or 1, width, ...]`` tensor."""
-        if x.dim() < 2 or x.shape[1] != self.width or x.shape[0] not in (1, self.batch):
-            raise upstream_error(
-                self.block, f"argument {name!r} has shape {tuple(x.shape)}, not [batch, seq, ...]"
-            )
-        seq, pos = self._index(x)
-        return x[seq, pos]
-
-    def _before(self, device: Any) -> torch.Tensor:
-        """``[R, seq_len]`` True for the clean keys a row may see: positions before its own."""
-        keys = torch.arange(self.seq_len, device=device)
-        return keys[None, :] < self.row_pos.to(device)[:, None]
-
-    def mask(self, mask: Any, dtype: torch.dtype) -> torch.Tensor:
-        """The row's attention mask: its row of the clean mask, cut before its position, then itself."""
-        if mask is None:  # transformers built no mask (no padding, no window): plain causal, additive
-            allowed = torch.cat(
-                [self._before(self.row_pos.device), torch.ones(len(self.row_pos), 1, dtype=torch.bool)], dim=1
-            )
-            additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            return additive[:, None, None, :].to(self.block_device())
-        if not isinstance(mask, torch.Tensor):
-            raise upstream_error(self.block, f"attention mask of type {type(mask).__name__} is not a tensor")
-        seq, pos = self._index(mask)
-        before = self._before(mask.device)
-        if mask.dim() == 4 and mask.shape[-2:] == (self.width, self.width):
-            rows = mask[seq, :, pos, :]  # [R, heads or 1, width]
-            own = rows[torch.arange(len(pos), device=mask.device), :, pos][..., None]  # [R, heads or 1, 1]
-            clean = rows[..., : self.seq_len]
-            if mask.dtype == torch.bool:
-                clean = clean & before[:, None, :]
-            else:
-                clean = clean.masked_fill(~before[:, None, :], torch.finfo(mask.dtype).min)
-            return torch.cat([clean, own], dim=-1)[:, :, None, :]
-        if mask.dim() == 2 and mask.shape[1] == self.width:  # a padding mask (flash attention)
-            clean = mask[seq, : self.seq_len] * before.to(mask.dtype)
-            return torch.cat([clean, torch.ones_like(clean[:, :1])], dim=1)
-        raise upstream_error(self.block, f"attention mask of shape {tuple(mask.shape)} is not understood")
-
-    def alibi(self, alibi: torch.Tensor) -> torch.Tensor:
-        """BLOOM's ALiBi ``[batch·heads, 1, width]`` for the rows: the clean keys, then the row's own position."""
-        if alibi.dim() != 3 or alibi.shape[-1] != self.width or alibi.shape[0] % self.batch:
-            raise upstream_error(self.block, f"ALiBi tensor of shape {tuple(alibi.shape)} is not understood")
-        heads = alibi.shape[0] // self.batch
-        per_row = alibi.view(self.batch, heads, self.width)[
-            self.row_seq.to(alibi.device)
-        ]  # [R, heads, width]
-        pos = self.row_pos.to(alibi.device)
-        own = per_row[torch.arange(len(pos), device=alibi.device), :, pos][..., None]
-        out = torch.cat([per_row[..., : self.seq_len], own], dim=-1)
-        return out.reshape(len(pos) * heads, 1, self.seq_len + 1)
-
-    def block_device(self) -> torch.device:
-        return next(self.block.parameters()).device

@@ -23,8 +23,11 @@ Baseline = Literal["zero", "amig"]
 Aggregation = Literal["paper", "code"]
 Objective = Literal["prob", "log_prob"]
 EngineName = Literal["fast", "reference"]
+Method = Literal["ig", "grad_x_act", "steps1_zero", "joint_ig"]
 QUADRATURES: tuple[str, ...] = ("riemann_right", "eleuther", "trapezoid", "gauss_legendre")
 BASELINES: tuple[str, ...] = ("zero", "amig")
+METHODS: tuple[str, ...] = ("ig", "grad_x_act", "steps1_zero", "joint_ig")
+"""``ig`` is exact; the others are labelled approximations (:mod:`knlight.neurons.approx`)."""
 
 
 def quadrature(name: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +111,12 @@ def objective_value(log_probs: torch.Tensor, objective: str) -> torch.Tensor:
 class IGOptions:
     """How integrated gradients are computed (``model.init_args.ig`` in a config)."""
 
+    method: Method = "ig"
+    """``ig`` (default: exact per-layer integrated gradients) or a labelled approximation, recorded with the
+    results: ``grad_x_act`` (ā·∂F/∂a at the clean point, all layers in one forward and one backward:
+    attribution patching at the neuron level), ``steps1_zero`` (ā·∂F/∂a at a = 0, per layer: what EasyEdit's
+    ``steps: 1`` configs compute), ``joint_ig`` (IG along one path scaling all attributed layers at once: m
+    passes instead of L·m; not per-layer IG). See :mod:`knlight.neurons.approx`."""
     baseline: Baseline = "zero"
     """``zero`` (Dai et al.) or ``amig`` (one baseline per query word: [MASK] for masked LMs, EOS for causal)."""
     aggregation: Aggregation = "paper"
@@ -137,6 +146,7 @@ class IGOptions:
                 f"ig.chunk_rows={self.chunk_rows}: give a positive number, or null for the default"
             )
         for name, value, choices in (
+            ("method", self.method, METHODS),
             ("baseline", self.baseline, BASELINES),
             ("aggregation", self.aggregation, ("paper", "code")),
             ("quadrature", self.quadrature, QUADRATURES),
@@ -145,10 +155,16 @@ class IGOptions:
         ):
             if value not in choices:
                 raise ConfigError(f"ig.{name}={value!r}: choose one of {', '.join(choices)}")
+        if self.method == "steps1_zero" and self.baseline != "zero":
+            raise ConfigError(
+                f"ig.method=steps1_zero is the gradient at the zero activation: set ig.baseline=zero (got "
+                f"{self.baseline!r}), or use grad_x_act / joint_ig / ig with the {self.baseline} baseline"
+            )
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`knlight.neurons.attribution.attribute_batch`."""
         return dict(
+            method=self.method,
             steps=self.steps,
             baseline=self.baseline,
             aggregation=self.aggregation,

@@ -54,7 +54,11 @@ def short_float(value: float) -> float | None:
 
 
 def item_line(prediction: dict[str, Any]) -> str:
-    """One JSONL line for one predicted item (dense scores are not part of it)."""
+    """One JSONL line for one predicted item (dense scores are not part of it).
+
+    ``rank`` (the gold first answer token's rank under the clean model, 1 = top) is written after ``prob`` when
+    the prediction has it; lines written before knlight recorded it have none and stay readable.
+    """
     record = {
         "uuid": prediction["uuid"],
         "language": prediction["language"],
@@ -63,6 +67,7 @@ def item_line(prediction: dict[str, Any]) -> str:
         "query": prediction["query"],
         "answer": prediction["answer"],
         "prob": short_float(prediction["prob"]),
+        **({"rank": int(prediction["rank"])} if prediction.get("rank") is not None else {}),
         "neurons": [
             [int(layer), int(index), short_float(score)] for layer, index, score in prediction["neurons"]
         ],

@@ -39,6 +39,9 @@ class QueryAttribution:
     prob: float | None
     neurons: list[tuple[int, int, float]]
     where: str = field(default="", repr=False)
+    rank: int | None = None
+    """Rank of the answer's first token under the clean model (1 = top); None in files written before knlight
+    recorded it."""
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -88,6 +91,7 @@ def read_attributions(path: str | Path, scores: str | Path | None = None) -> Att
                     prob=record.get("prob"),
                     neurons=[],
                     where=where,
+                    rank=None if record.get("rank") is None else int(record["rank"]),
                 )
             except (KeyError, TypeError, ValueError, IndexError) as error:
                 raise SelectionError(

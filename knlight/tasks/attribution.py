@@ -62,11 +62,24 @@ def select_neurons(
     return found
 
 
+@torch.no_grad()
+def gold_ranks(lm: Any, encoded: list[EncodedQuery]) -> list[int]:
+    """Rank (1 = the model's top token) of each query's first answer token at its target position (one clean
+    forward; the knowledge filter's "gold rank")."""
+    ranks = []
+    for query, log_probs in zip(encoded, lm.target_log_probs(encoded)):
+        gold = log_probs[0, query.targets[0][1]]
+        ranks.append(1 + int((log_probs[0] > gold).sum()))
+    return ranks
+
+
 class AttributionModule(BaseTask):
     """Attributes each (fact, language, query) item to FFN neurons with integrated gradients (predict loop).
 
     ``predict_step`` returns one dict per item: its ids (``uuid``, ``language``, ``relation``, ``query_id``),
-    ``query``, ``answer``, ``prob`` (P(answer) under the clean model), ``neurons`` (coarse neurons, see
+    ``query``, ``answer``, ``prob`` (P(answer) under the clean model), ``rank`` (the rank of the answer's first
+    token among the clean model's predictions at its target position, 1 = top; the knowledge filter of
+    :mod:`knlight.selection` reads it with ``prob``), ``neurons`` (coarse neurons, see
     :func:`select_neurons`), ``residual`` (completeness residual per attributed layer), ``layer_mass`` (share
     of the item's positive attribution in each attributed layer), ``input_hash`` (of query and answer, see
     :func:`input_hash`), ``model_hash`` (of the model's identity, see :meth:`BaseTask.model_identity`) and,
@@ -77,7 +90,8 @@ class AttributionModule(BaseTask):
     Args:
         lm: The language model (``lm.model``: hub id, local folder or ``.gguf`` file, packaged name, or
             ``tiny:<arch>[:seed]``).
-        ig: How integrated gradients are computed (baseline, quadrature, steps, objective, engine, chunk_rows).
+        ig: How integrated gradients are computed (method: exact ``ig`` or a labelled approximation recorded in
+            ``run.json``; baseline, quadrature, steps, objective, engine, chunk_rows).
         layers: Layers to attribute (default all).
         completeness: Also compute the completeness residual per layer (one extra row per problem).
         micro_batch_size: Items attributed together in one call. 1 (default) makes every item's numbers
@@ -185,7 +199,8 @@ class AttributionModule(BaseTask):
             for start in range(0, len(todo), size):
                 chunk = slice(start, start + size)
                 attribution = self._attribute(encoded[chunk], todo[chunk])
-                results.extend(self._results(todo[chunk], attribution))
+                ranks = gold_ranks(self.lm, encoded[chunk])
+                results.extend(self._results(todo[chunk], attribution, ranks))
         self.items_computed += len(results)
         return results
 
@@ -224,9 +239,10 @@ class AttributionModule(BaseTask):
                 prob=torch.cat([first.prob, second.prob]),
                 delta=torch.cat([first.delta, second.delta]),
                 residual=torch.cat([first.residual, second.residual]),
+                method=first.method,
             )
 
-    def _results(self, items: list[Item], attribution: Attribution) -> list[dict[str, Any]]:
+    def _results(self, items: list[Item], attribution: Attribution, ranks: list[int]) -> list[dict[str, Any]]:
         model_hash = self.model_hash()
         out = []
         for i, item in enumerate(items):
@@ -241,6 +257,7 @@ class AttributionModule(BaseTask):
                 "query": item["query"],
                 "answer": item["answer"],
                 "prob": float(attribution.prob[i]),
+                "rank": ranks[i],
                 "neurons": select_neurons(
                     scores, attribution.layers, self.threshold_for(item["language"]), self.top_k
                 ),
