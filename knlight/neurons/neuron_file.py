@@ -12,11 +12,23 @@ Format ``knlight-neurons/1`` (JSON, UTF-8)::
          "language_independent": [[23, 812]],                               # LIKN
          "uncertainty": [[23, 812], [21, 7]],                               # uncertainty-aware
          "degenerate": {"pairs": [[[20, 1], [22, 9]]], "sets": [[[1, 2], [3, 4], [5, 6]]]},   # DKN
-         "p": {"en": 0.7, "fr": 0.65}                                       # optional: sharing fraction used
-       }}}
+         "p": {"en": 0.7, "fr": 0.65},                                      # optional: sharing fraction used
+         "known": {"en": {"known": true, "passed": 2, "of": 3, "query_ids": [0, 2]}},   # knowledge filter
+         "language_independent_over": ["en", "fr"],                         # the languages LIKN was taken over
+         "carriers": {"languages": {"en": [[23, 812]]}, "fact": [[23, 812]]},   # write the answer
+         "upstream": {"languages": {"en": [[22, 40]]}, "fact": [[22, 40]]},     # selected, low direct effect
+         "effects": {"en": [[23, 812, 0.93, 1.7], [22, 40, 0.71, 0.01]]},   # candidates: total, direct effect
+         "specificity": [{"neuron": [23, 812], "label": "fact", "facts": 1, "relations": 1, "languages": 2}],
+         "consistency": {"en": {"jaccard": 0.52, "queries": 3, "consistent": true}}
+       }},
+     "analysis": {...whole-file results: consistency threshold and tables, specificity counts, LAPE...}}
 
-A neuron is ``[layer, index]`` (see DESIGN.md, "The neuron"); lists are ordered by decreasing score. Every key
-of a fact except ``languages`` is optional (read as empty). Files are written atomically and one fact per
+A neuron is ``[layer, index]`` (see DESIGN.md, "The neuron"); lists are ordered by decreasing score (with
+specificity labels: fact-specific neurons first, then relation-level, then generic, each by decreasing score).
+Every key of a fact except ``languages`` is optional (read as empty), so files written before a key existed
+stay readable; ``analysis`` is optional too. ``known`` lists every language of the fact with its filter
+status; ``languages`` holds only the languages whose neurons were selected (the known ones when the filter was
+on). Files are written atomically and one fact per
 line. :func:`read_neuron_file` validates a file, and against a model when ``num_layers``/``d_ff`` are given: a
 neuron out of range or a model with another shape is an error naming the file and the fact, never silently
 clipped. Pure Python, no Lightning.
@@ -34,11 +46,26 @@ from typing import Any, Literal
 from knlight.errors import KnlightError
 from knlight.io import write_text_atomically
 from knlight.neurons.neuron import Neuron
+from knlight.neurons.neuron_annotations import (
+    ANNOTATION_KEYS,
+    LABELS,
+    KnownStatus,
+    NeuronSpecificity,
+    annotations_json,
+    parse_annotations,
+)
 
 FORMAT = "knlight-neurons/1"
 
-NeuronKind = Literal["language", "language_independent", "uncertainty", "degenerate"]
-NEURON_KINDS: tuple[str, ...] = ("language", "language_independent", "uncertainty", "degenerate")
+NeuronKind = Literal["language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream"]
+NEURON_KINDS: tuple[str, ...] = (
+    "language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream",
+)  # fmt: skip
+SPECIFICITY_LABELS = LABELS
+__all__ = [
+    "FORMAT", "NEURON_KINDS", "SPECIFICITY_LABELS", "FactNeurons", "KnownStatus", "NeuronFile", "NeuronFileError",
+    "NeuronSpecificity", "neuron_file_text", "read_neuron_file", "write_neuron_file",
+]  # fmt: skip
 
 
 class NeuronFileError(KnlightError, ValueError):
@@ -57,6 +84,15 @@ class FactNeurons:
         degenerate_pairs: DKN pairs (AMIG Algorithm 1).
         degenerate_sets: Larger degenerate sets (greedy growth).
         p: Sharing fraction used per language (adaptive prompt sharing), when recorded.
+        known: Knowledge-filter status per language of the fact, when recorded.
+        likn_languages: The languages LIKN was taken over (None when not recorded).
+        carriers: Carriers (high total and direct effect) per language.
+        carriers_fact: Carriers of the fact as a whole (union over its languages).
+        upstream: Knowledge neurons with a low direct effect, per language.
+        upstream_fact: Upstream neurons of the fact as a whole.
+        effects: Per language, the carrier candidates as ``(layer, index, total, direct)``.
+        specificity: Per selected neuron, how shared it is.
+        consistency: Per language, ``{"jaccard", "queries", "consistent"}`` across the fact's queries.
     """
 
     relation: str | None = None
@@ -66,6 +102,15 @@ class FactNeurons:
     degenerate_pairs: list[tuple[Neuron, Neuron]] = field(default_factory=list)
     degenerate_sets: list[list[Neuron]] = field(default_factory=list)
     p: dict[str, float] = field(default_factory=dict)
+    known: dict[str, KnownStatus] = field(default_factory=dict)
+    likn_languages: list[str] | None = None
+    carriers: dict[str, list[Neuron]] | None = None
+    carriers_fact: list[Neuron] = field(default_factory=list)
+    upstream: dict[str, list[Neuron]] = field(default_factory=dict)
+    upstream_fact: list[Neuron] = field(default_factory=list)
+    effects: dict[str, list[tuple[int, int, float, float]]] = field(default_factory=dict)
+    specificity: dict[Neuron, NeuronSpecificity] = field(default_factory=dict)
+    consistency: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def degenerate(self) -> list[Neuron]:
         """Every neuron of a DKN pair or set, once, in order of appearance."""
@@ -75,13 +120,27 @@ class FactNeurons:
                 seen.setdefault(neuron)
         return list(seen)
 
+    def is_known(self, language: str, query_id: int | None = None) -> bool:
+        """False only when the file records the (fact, language) — or that query — as not known to the model."""
+        status = self.known.get(language)
+        if status is None:
+            return True
+        return status.known and (query_id is None or query_id in status.query_ids)
+
+    def known_languages(self) -> list[str]:
+        """The languages the file records as known (every language of ``languages`` when nothing is recorded)."""
+        if not self.known:
+            return sorted(self.languages)
+        return sorted(lang for lang, status in self.known.items() if status.known)
+
     def neurons(self, kind: str, language: str | None = None) -> list[Neuron]:
         """One of the fact's neuron sets.
 
         Args:
             kind: ``language`` (the language's own neurons; needs ``language``), ``language_independent``,
-                ``uncertainty`` or ``degenerate`` (all DKN members).
-            language: The language, for ``language``.
+                ``uncertainty``, ``degenerate`` (all DKN members), ``carriers`` (the language's carriers, or
+                the fact's without a language) or ``upstream`` (likewise).
+            language: The language, for ``language`` (and optionally ``carriers`` / ``upstream``).
         """
         if kind == "language":
             if language is None:
@@ -93,6 +152,11 @@ class FactNeurons:
             return list(self.uncertainty)
         if kind == "degenerate":
             return self.degenerate()
+        if kind == "carriers":
+            per_language = self.carriers or {}
+            return list(self.carriers_fact if language is None else per_language.get(language, []))
+        if kind == "upstream":
+            return list(self.upstream_fact if language is None else self.upstream.get(language, []))
         raise ValueError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +172,7 @@ class FactNeurons:
         }
         if self.p:
             out["p"] = {lang: round(v, 10) for lang, v in sorted(self.p.items())}
+        out.update(annotations_json(self))
         return out
 
 
@@ -122,6 +187,8 @@ class NeuronFile:
         method: The selection options and attribution settings that produced the neurons.
         facts: Neurons per fact uuid.
         path: Where the file was read from (None for one built in memory).
+        analysis: Whole-file results (consistency threshold and tables, specificity counts, LAPE neurons and
+            their overlaps); optional.
     """
 
     model: str
@@ -130,20 +197,24 @@ class NeuronFile:
     method: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, FactNeurons] = field(default_factory=dict)
     path: str | None = None
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     def languages(self) -> list[str]:
         """Every language with neurons in some fact, sorted."""
         return sorted({lang for fact in self.facts.values() for lang in fact.languages})
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "model": self.model,
             "num_layers": self.num_layers,
             "d_ff": self.d_ff,
             "method": self.method,
-            "facts": {uuid: self.facts[uuid].to_json() for uuid in sorted(self.facts)},
         }
+        if self.analysis:
+            out["analysis"] = self.analysis
+        out["facts"] = {uuid: self.facts[uuid].to_json() for uuid in sorted(self.facts)}
+        return out
 
 
 def _dump(value: Any) -> str:
@@ -154,7 +225,7 @@ def neuron_file_text(neurons: NeuronFile) -> str:
     """The file's text: header keys indented, one fact per line (valid JSON, diff-friendly)."""
     data = neurons.to_json()
     head = [f'  "{key}": {json.dumps(data[key], ensure_ascii=False, sort_keys=True)}' for key in
-            ("format", "model", "num_layers", "d_ff", "method")]  # fmt: skip
+            ("format", "model", "num_layers", "d_ff", "method", "analysis") if key in data]  # fmt: skip
     facts = [f"    {_dump(uuid)}: {_dump(fact)}" for uuid, fact in data["facts"].items()]
     body = "{\n" + ",\n".join(facts) + "\n  }" if facts else "{}"
     return "{\n" + ",\n".join([*head, f'  "facts": {body}']) + "\n}\n"
@@ -260,13 +331,8 @@ def _validate(data: Any, where: str, num_layers: int | None, d_ff: int | None) -
         if not isinstance(entry, dict):
             raise NeuronFileError(f"{at}: expected an object, got {type(entry).__name__}")
         unknown = set(entry) - {
-            "relation",
-            "languages",
-            "language_independent",
-            "uncertainty",
-            "degenerate",
-            "p",
-        }
+            "relation", "languages", "language_independent", "uncertainty", "degenerate", "p", *ANNOTATION_KEYS,
+        }  # fmt: skip
         if unknown:
             raise NeuronFileError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
         relation = entry.get("relation")
@@ -304,5 +370,13 @@ def _validate(data: Any, where: str, num_layers: int | None, d_ff: int | None) -
         ):
             raise NeuronFileError(f"{at}: 'p' must map languages to numbers")
         fact.p = {lang: float(v) for lang, v in p.items()}
+        parse_annotations(
+            entry, at, fact, lambda value, at_: _neuron_list(value, at_, layers, width), NeuronFileError
+        )
         facts[str(uuid)] = fact
-    return NeuronFile(model, layers, width, dict(method), facts, None if where is None else where)
+    analysis = data.get("analysis", {})
+    if not isinstance(analysis, dict):
+        raise NeuronFileError(f"{where}: 'analysis' must be an object")
+    for lang, ns in (analysis.get("lape", {}).get("neurons", {}) or {}).items():
+        _neuron_list(ns, f"{where}: analysis.lape.neurons.{lang}", layers, width)
+    return NeuronFile(model, layers, width, dict(method), facts, where, dict(analysis))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,116 @@ class DknOptions:
     """Largest set the greedy growth builds."""
     chunk_rows: int = 256
     """Rows (query × neuron set) per forward."""
+
+
+@dataclass(frozen=True)
+class KnownOptions:
+    """Knowledge filter: a (fact, language, query) counts only where the model knows the fact.
+
+    A query passes when the gold answer's first token is among the model's ``max_rank`` most likely tokens, or
+    when P(answer) >= ``min_prob`` (an attributions file written before knlight recorded ranks has only P).
+    A (fact, language) is known when at least ``min_queries`` of its queries pass; only the passing queries of
+    known languages enter the per-language neurons, LIKN, the uncertainty-aware set, DKN and the carriers.
+    The neuron file records, per fact and language, whether it was known and which queries passed, whatever
+    ``enabled`` says.
+    """
+
+    enabled: bool = True
+    """Apply the filter (false: every query counts, as before knlight had it; the status is still recorded)."""
+    max_rank: int | None = 10
+    """A query passes when the gold first token's rank (1 = the model's top token) is at most this; None: the
+    rank is not used."""
+    min_prob: float | None = 0.1
+    """A query also passes when P(answer) is at least this; None: P is not used."""
+    min_queries: int = 1
+    """A (fact, language) is known when at least this many of its queries pass."""
+
+
+@dataclass(frozen=True)
+class CarrierOptions:
+    """Carriers vs upstream neurons: the direct effect of each candidate neuron's own write on the answer.
+
+    A neuron's *direct effect* is what its write ``a_i · W_out[:, i]`` at the target positions does to log
+    P(answer) with every later sublayer (attention and FFN outputs) held at its clean value
+    (:mod:`knlight.neurons.direct_effect`). Per known (fact, language), the candidates are the ``top_k``
+    neurons of highest mean normalised attribution (their total effect); *carriers* are the candidates whose
+    mean direct effect exceeds ``threshold`` · the largest and ``min_effect`` nats; the language's knowledge
+    neurons that are not carriers are its *upstream* neurons. Needs the model.
+    """
+
+    enabled: bool = False
+    """Compute ``carriers``, ``upstream`` and the candidates' ``effects``."""
+    method: Literal["exact", "linear"] = "exact"
+    """``exact``: a patched forward per candidate (the write removed, later sublayers clean); ``linear``: the
+    write times the gradient of log P through the clean-held path (one forward and backward per query)."""
+    top_k: int = 20
+    """Candidates per (fact, language): the neurons of highest mean normalised attribution."""
+    threshold: float = 0.25
+    """A carrier's direct effect exceeds this fraction of the largest candidate's."""
+    min_effect: float = 0.05
+    """... and this many nats."""
+    chunk_rows: int = 64
+    """Patched rows per forward (``exact``)."""
+
+
+@dataclass(frozen=True)
+class SpecificityOptions:
+    """Fact-specific vs shared neurons: how many facts, relations and languages select a neuron, and (with the
+    model) how much suppressing it moves other facts' answers. Labels ``fact``, ``relation``, ``generic``.
+
+    Counting: a neuron selected (any set) for at least ``min_facts`` facts is ``generic`` when those facts span
+    at least ``min_relations`` relations, else ``relation``. Suppression (``suppression: true``): the neuron is
+    suppressed on up to ``sample`` known queries of other facts of its relation and of other relations; a mean
+    relative drop of P of at least ``spill`` · the drop on its own fact (and at least ``min_drop``) on other
+    relations makes it ``generic``, on its relation ``relation``. The stronger of the two labels wins. Lists in
+    the neuron file are ordered fact-specific neurons first (then by score).
+    """
+
+    enabled: bool = True
+    """Label the selected neurons and order them fact-specific first."""
+    min_facts: int = 2
+    """Selected for at least this many facts: shared."""
+    min_relations: int = 2
+    """Shared by facts of at least this many relations: generic."""
+    suppression: bool = False
+    """Also measure the suppression effect on other facts (needs the model)."""
+    sample: int = 8
+    """Queries of other facts per neuron and group (same relation, other relations), seeded."""
+    spill: float = 0.5
+    """Other facts' drop, relative to the own fact's, that makes a neuron shared."""
+    min_drop: float = 0.1
+    """... and the smallest absolute mean relative drop that counts."""
+    seed: int = 0
+    """Seed of the query sample."""
+
+
+@dataclass(frozen=True)
+class ConsistencyOptions:
+    """Consistency across queries (Chen et al., ICLR 2025): per fact and language, the mean pairwise Jaccard of
+    its queries' coarse neuron sets; facts split into consistent and inconsistent by Otsu's threshold."""
+
+    enabled: bool = True
+    """Compute ``consistency`` per fact and the file's threshold and tables."""
+
+
+@dataclass(frozen=True)
+class LapeOptions:
+    """Language-specific neurons by activation statistics (LAPE, Tang et al. 2024), beside LIKN and the KN.
+
+    Per language, the activation probability P(a > 0) of every neuron over the tokens of the language's
+    queries (the model is run on them; ``a`` is knlight's neuron, the input of the FFN output projection); a
+    neuron's LAPE is the entropy of its probabilities normalised over the languages. As the authors' code: a
+    neuron whose probability exceeds the ``prob_quantile`` quantile of all probabilities in no language is
+    dismissed, the ``entropy_share`` of neurons with the lowest entropy are kept, each specific to the
+    languages where its probability exceeds that quantile. Needs the model.
+    """
+
+    enabled: bool = False
+    """Compute the LAPE neurons and their overlap with LIKN and the per-language KN."""
+    entropy_share: float = 0.01
+    """Share of all neurons kept (lowest entropy; the paper: 1 %)."""
+    prob_quantile: float = 0.95
+    """Quantile of all activation probabilities a neuron must exceed in a language (the authors' 0.95)."""
+    positions: Literal["all", "target"] = "all"
+    """Count activations at every token of a query (``all``, as over the paper's text) or at its target
+    positions only."""

@@ -1,0 +1,217 @@
+"""Direct effects of FFN neurons: what a neuron's own write does to the answer, later layers held clean.
+
+Neuron ``i`` of layer ``l`` writes ``a_i · W_out[:, i]`` into its block's FFN output at each target position.
+Its **direct effect** is the change of log P(answer) (summed over the answer tokens, gold prefix
+teacher-forced) when that write is removed while every *later sublayer* — each block's attention output and
+FFN output from layer ``l + 1`` on (and the other neurons' writes of layer ``l``) — is held at its clean value:
+only the residual stream and the norms on it (final norm, post-norms, BERT's post-LN) carry the change to the
+head. Positive: the write raises the answer. The *total* effect (IG, suppression) also counts what later layers
+compute from the neuron; a neuron upstream of the carriers has a large total and a small direct effect.
+
+Two ways to compute it:
+
+* ``exact`` (:func:`direct_effects`): a patched forward per candidate — every attention-output and FFN-output
+  module returns its clean output, the candidate's own layer returns it minus the candidate's write at the
+  target positions; ``log P(clean) − log P(patched)``. Batched: the candidates of one query run together.
+* ``linear`` (:func:`linear_direct_effects`): the same path linearised at the clean point — one forward in
+  which every sublayer output is a constant (FFN outputs are leaves) and one backward give ``g_l = ∂ log P /
+  ∂ y_l`` for every layer at once; ``DE_lin[l, i] = Σ_t a_{l,t,i} · (W_out[:, i] · g_{l,t})`` for every neuron
+  of the model (direct logit attribution through the final norm and the head, and through any post-norms).
+
+The attention-output module of each architecture is named in :data:`ATTENTION_OUTPUTS`. Pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from knlight.lm.prompts import EncodedQuery
+from knlight.lm.sites import get_path, neuron_columns
+from knlight.lm.upstream import last_hidden_state
+from knlight.neurons.neuron import Neuron, check_neurons
+
+_GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+ATTENTION_OUTPUTS: dict[str, str] = {
+    "gpt2": "attn.c_proj",
+    "bloom": "self_attention.dense",
+    **{t: "attention.output.dense" for t in ("bert", "xlm-roberta", "roberta", "camembert")},
+    **{t: "self_attn.o_proj" for t in _GATED},
+}
+"""Per ``model_type``, the module (inside a block) whose output is the attention sublayer's write."""
+
+
+class DirectEffectError(ValueError):
+    """The model's architecture has no known attention-output module."""
+
+
+def attention_outputs(lm: Any) -> list[nn.Module]:
+    """Each block's attention-output module (see :data:`ATTENTION_OUTPUTS`)."""
+    model_type = str(getattr(lm.model.config, "model_type", ""))
+    path = ATTENTION_OUTPUTS.get(model_type)
+    modules = [get_path(block, path) for block in lm.sites.blocks] if path else []
+    if not modules or any(m is None for m in modules):
+        raise DirectEffectError(
+            f"knlight does not know the attention-output module of model_type={model_type!r}; add its path "
+            "inside a block to knlight.neurons.direct_effect.ATTENTION_OUTPUTS"
+        )
+    return modules  # type: ignore[return-value]
+
+
+class _Clean:
+    """One query's clean pass: every block's attention output, FFN output ``y`` and FFN activation ``a``."""
+
+    def __init__(self, lm: Any, query: EncodedQuery) -> None:
+        self.attn: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.a: list[torch.Tensor] = []
+        attn = attention_outputs(lm)
+        with ExitStack() as stack, torch.no_grad():
+            for layer in range(lm.num_layers):
+                stack.enter_context(_record(attn[layer], self.attn))
+                stack.enter_context(_record(lm.sites.out_projs[layer], self.y, self.a))
+            self.log_prob = _log_prob(lm, query, 1)[0]
+
+
+@contextmanager
+def _record(
+    module: nn.Module, outputs: list[torch.Tensor], inputs: list[torch.Tensor] | None = None
+) -> Iterator[None]:
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        outputs.append(out.detach())
+        if inputs is not None:
+            inputs.append(args[0].detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _replace(module: nn.Module, make: Any) -> Iterator[None]:
+    handle = module.register_forward_hook(lambda mod, args, out: make(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _log_prob(lm: Any, query: EncodedQuery, rows: int) -> torch.Tensor:
+    """``[rows]`` log P(answer) of ``rows`` copies of one query (the hooks decide what each row computes)."""
+    device = lm.device
+    ids = torch.tensor([query.input_ids], device=device).expand(rows, -1)
+    hidden = last_hidden_state(lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    positions = torch.tensor([p for p, _ in query.targets], device=device)
+    tokens = torch.tensor([t for _, t in query.targets], device=device)
+    logits = lm.head(hidden[:, positions]).float()  # [rows, T, V]
+    gold = torch.log_softmax(logits, -1).gather(-1, tokens.expand(rows, -1)[..., None])[..., 0]
+    return gold.sum(-1)
+
+
+def _columns(lm: Any, layer: int) -> torch.Tensor:
+    """``[d_model, d_ff]`` W_out of one layer (column i: what neuron i writes per unit of activation)."""
+    return neuron_columns(lm.sites.out_projs[layer], lm.sites.spec.conv1d)
+
+
+@torch.no_grad()
+def direct_effects(
+    lm: Any, items: Sequence[EncodedQuery], neurons: Sequence[Neuron], chunk_rows: int = 64
+) -> torch.Tensor:
+    """Exact direct effects (patched forwards) of ``neurons`` on each item.
+
+    Args:
+        lm: A :class:`knlight.LanguageModel`.
+        items: Encoded queries.
+        neurons: Candidate ``(layer, index)`` neurons.
+        chunk_rows: Patched rows (candidates) per forward.
+
+    Returns:
+        ``[len(items), len(neurons)]`` log P(clean) − log P(write removed), in nats.
+    """
+    neurons = [(int(a), int(b)) for a, b in neurons]
+    check_neurons(neurons, lm.num_layers, lm.d_ff)
+    out = torch.zeros(len(items), len(neurons))
+    if not neurons:
+        return out
+    attn_modules = attention_outputs(lm)
+    for q, query in enumerate(items):
+        clean = _Clean(lm, query)
+        positions = torch.tensor([p for p, _ in query.targets])
+        for start in range(0, len(neurons), chunk_rows):
+            chunk = neurons[start : start + chunk_rows]
+            rows = len(chunk) + 1  # row 0: nothing removed (the clean value through the same ops)
+            with ExitStack() as stack:
+                for layer in range(lm.num_layers):
+                    attn = clean.attn[layer]
+                    stack.enter_context(
+                        _replace(attn_modules[layer], lambda out, attn=attn, rows=rows: attn.expand(rows, -1, -1))
+                    )
+                    patched = clean.y[layer].expand(rows, -1, -1).clone()
+                    cols = _columns(lm, layer)
+                    for r, (l_n, i_n) in enumerate(chunk, start=1):
+                        if l_n == layer:
+                            write = clean.a[layer][0, positions, i_n, None] * cols[:, i_n].to(patched.dtype)
+                            patched[r, positions] -= write
+                    stack.enter_context(_replace(lm.sites.out_projs[layer], lambda out, y=patched: y))
+                log_p = _log_prob(lm, query, rows)
+            out[q, start : start + len(chunk)] = (log_p[0] - log_p[1:]).float().cpu()
+    return out
+
+
+def linear_direct_effects(lm: Any, query: EncodedQuery) -> torch.Tensor:
+    """Linearised direct effects of every neuron of the model on one query.
+
+    Returns:
+        ``[num_layers, d_ff]`` ``Σ_t a_{l,t,i} · W_out[:, i] · ∂ log P / ∂ y_{l,t}`` with every sublayer output
+        held constant (the gradient flows through the residual stream and its norms only), in nats.
+    """
+    attn_modules = attention_outputs(lm)
+    leaves: list[torch.Tensor] = []
+    acts: list[torch.Tensor] = []
+
+    def leaf(out: torch.Tensor) -> torch.Tensor:
+        leaves.append(out.detach().requires_grad_(True))
+        return leaves[-1]
+
+    with ExitStack() as stack, torch.enable_grad():
+        for layer in range(lm.num_layers):
+            stack.enter_context(_replace(attn_modules[layer], lambda out: out.detach()))
+            stack.enter_context(_record(lm.sites.out_projs[layer], [], acts))
+            stack.enter_context(_replace(lm.sites.out_projs[layer], leaf))
+        log_p = _log_prob(lm, query, 1)[0]
+        grads = torch.autograd.grad(log_p, leaves)
+    positions = torch.tensor([p for p, _ in query.targets])
+    rows = []
+    for layer in range(lm.num_layers):
+        g = grads[layer][0, positions].float()  # [T, d_model]
+        per_unit = g @ _columns(lm, layer).float()  # [T, d_ff]: W_out[:, i] · g_t
+        rows.append((acts[layer][0, positions].float() * per_unit).sum(0))
+    return torch.stack(rows).cpu()
+
+
+def direct_effects_of(
+    lm: Any,
+    items: Sequence[EncodedQuery],
+    neurons: Sequence[Neuron],
+    method: str = "exact",
+    chunk_rows: int = 64,
+) -> torch.Tensor:
+    """``[len(items), len(neurons)]`` direct effects by ``method`` (``exact`` or ``linear``)."""
+    if method == "exact":
+        return direct_effects(lm, items, neurons, chunk_rows)
+    if method != "linear":
+        raise ValueError(f"unknown direct-effect method {method!r}; choose exact or linear")
+    neurons = [(int(a), int(b)) for a, b in neurons]
+    check_neurons(neurons, lm.num_layers, lm.d_ff)
+    index = torch.tensor(neurons, dtype=torch.long).view(-1, 2)
+    out = torch.zeros(len(items), len(neurons))
+    for q, query in enumerate(items):
+        full = linear_direct_effects(lm, query)
+        out[q] = full[index[:, 0], index[:, 1]]
+    return out
