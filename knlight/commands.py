@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from knlight.selection.options import KnownOptions
 
-def summary(attributions: str, p: float = 0.5, top: int = 3) -> None:
+
+def summary(attributions: str, p: float = 0.5, top: int = 3, known: KnownOptions = KnownOptions()) -> None:
     """Print a predict run's top neurons per fact and language and its language-independent neurons.
 
     Args:
@@ -22,10 +24,12 @@ def summary(attributions: str, p: float = 0.5, top: int = 3) -> None:
         p: Prompt-sharing fraction: a neuron is a fact's neuron in a language when it is selected for at
             least this fraction of the fact's queries in that language.
         top: Neurons shown per fact and language (by mean score over the queries).
+        known: The knowledge filter, as ``knlight select``'s: a language where the model does not know the fact
+            is marked NOT KNOWN and lists no neurons (``--known.enabled false`` lists every language).
     """
     from knlight.selection.summary import summarize
 
-    print(summarize(attributions, p, top))  # the command's output, not progress
+    print(summarize(attributions, p, top, known))  # the command's output, not progress
 
 
 def _select_component() -> Callable[..., Any]:

@@ -13,7 +13,14 @@ import logging
 import lightning.pytorch as pl
 
 from knlight.callbacks.writer import AttributionWriter
-from knlight.selection.options import DknOptions, KnOptions, LiknOptions, UncertaintyOptions
+from knlight.selection.options import (
+    CarrierOptions,
+    DknOptions,
+    KnOptions,
+    KnownOptions,
+    LiknOptions,
+    UncertaintyOptions,
+)
 from knlight.selection.reader import read_attributions
 from knlight.selection.run import select_run
 
@@ -30,6 +37,8 @@ class SelectNeurons(pl.Callback):
         likn: Language-independent neurons.
         uncertainty: Uncertainty-aware aggregation (needs the writer's ``save_scores``).
         dkn: Degenerate neurons (the search runs on the already loaded model).
+        known: The knowledge filter (on by default: only what the model knows counts).
+        carriers: Carriers vs upstream neurons (direct effects on the already loaded model).
     """
 
     def __init__(
@@ -40,11 +49,14 @@ class SelectNeurons(pl.Callback):
         likn: LiknOptions = LiknOptions(),
         uncertainty: UncertaintyOptions = UncertaintyOptions(),
         dkn: DknOptions = DknOptions(),
+        known: KnownOptions = KnownOptions(),
+        carriers: CarrierOptions = CarrierOptions(),
     ) -> None:
         super().__init__()
         self.output = output
         self.languages = languages
         self.kn, self.likn, self.uncertainty, self.dkn = kn, likn, uncertainty, dkn
+        self.known, self.carriers = known, carriers
         self.path: str | None = None
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -61,8 +73,9 @@ class SelectNeurons(pl.Callback):
         run = read_attributions(writer.dir)
         output = self.output or str(writer.dir / "neurons.json")
         model_name = str(run.hparams.get("model") or getattr(pl_module, "model_name", ""))
-        lm = getattr(pl_module, "lm", None) if self.dkn.enabled else None
+        lm = getattr(pl_module, "lm", None) if self.dkn.enabled or self.carriers.enabled else None
         select_run(run, output, model_name, lm, languages=self.languages, kn=self.kn, likn=self.likn,
-                   uncertainty=self.uncertainty, dkn=self.dkn)  # fmt: skip
+                   uncertainty=self.uncertainty, dkn=self.dkn, known=self.known,
+                   carriers=self.carriers)  # fmt: skip
         self.path = output
         log.info("neuron file written: %s", output)

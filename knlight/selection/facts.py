@@ -1,5 +1,6 @@
-"""Selection of one fact's neurons from its items: Dai et al.'s per-language neurons, LIKN, the uncertainty-aware
-set and the degenerate pairs/sets (docs/design.md, "Selection"). Pure torch, no Lightning."""
+"""Selection of one fact's neurons from its items: the knowledge filter, Dai et al.'s per-language neurons, LIKN,
+the uncertainty-aware set, the degenerate pairs/sets and the carriers (docs/design.md, "Selection"). Pure torch,
+no Lightning."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from knlight.neurons.selection import (
     top_k_mask,
     uncertainty_scores,
 )
-from knlight.selection.options import DknOptions, KnOptions, LiknOptions, UncertaintyOptions
+from knlight.selection.carriers import fact_carriers, language_carriers
+from knlight.selection.known import filter_known
+from knlight.selection.options import (
+    CarrierOptions,
+    DknOptions,
+    KnOptions,
+    KnownOptions,
+    LiknOptions,
+    UncertaintyOptions,
+)
 from knlight.selection.reader import SCORES_HINT, QueryAttribution, SelectionError
 
 
@@ -111,6 +121,34 @@ def _uncertainty(
     return mask_to_neurons(mask, lcb)
 
 
+def _rank(
+    item_list: Sequence[QueryAttribution], dense: ScoreSource | None, dims: tuple[int, int]
+) -> torch.Tensor:
+    """``[L, d]`` mean normalised attribution over queries (the dense scores when there are any)."""
+    if dense is not None and dense.format == "dense":
+        return torch.stack([_normalised(dense.get(q)) for q in item_list]).mean(0)
+    return torch.stack([_normalised(_sparse_scores(q, *dims)) for q in item_list]).mean(0)
+
+
+def _carriers(
+    lm: Any,
+    fact: FactNeurons,
+    per_language: dict[str, list[QueryAttribution]],
+    dense: ScoreSource | None,
+    dims: tuple[int, int],
+    options: CarrierOptions,
+) -> None:
+    fact.carriers = {}
+    for language in sorted(per_language):
+        queries = per_language[language]
+        encoded = [_encode(lm, q) for q in queries]
+        carriers, upstream, effects = language_carriers(
+            lm, encoded, fact.languages.get(language, []), _rank(queries, dense, dims), options
+        )
+        fact.carriers[language], fact.upstream[language], fact.effects[language] = carriers, upstream, effects
+    fact_carriers(fact)
+
+
 def _degenerate(
     lm: Any,
     fact: FactNeurons,
@@ -119,10 +157,7 @@ def _degenerate(
     dims: tuple[int, int],
     options: DknOptions,
 ) -> None:
-    if dense is not None and dense.format == "dense":
-        rank = torch.stack([_normalised(dense.get(q)) for q in items]).mean(0)
-    else:
-        rank = torch.stack([_normalised(_sparse_scores(q, *dims)) for q in items]).mean(0)
+    rank = _rank(items, dense, dims)
     top = mask_to_neurons(top_k_mask(rank, options.top_k, within=rank > 0), rank)
     if len(top) < 2:
         return
@@ -152,25 +187,33 @@ def select_fact(
     dkn: DknOptions,
     dense: ScoreSource | None = None,
     lm: Any = None,
+    known: KnownOptions = KnownOptions(),
+    carriers: CarrierOptions = CarrierOptions(),
 ) -> FactNeurons:
     """Every neuron set of one fact from its items, grouped by language.
 
     Args:
         per_language: The fact's items (its queries' attributions) per language.
         dims: ``(num_layers, d_ff)`` of the model.
-        all_languages: Every language of the selection (LIKN needs all of them unless ``likn.min_languages``).
+        all_languages: Every language of the selection (LIKN needs all of them unless ``likn.min_languages``;
+            with the knowledge filter on, all the languages in which the fact is known).
         hparams: The predict run's settings (its coarse τ per language).
         kn: Per-language knowledge neurons.
         likn: Language-independent neurons.
         uncertainty: Uncertainty-aware aggregation (needs ``dense``).
         dkn: Degenerate neurons (needs ``lm``; skipped when it is None).
         dense: Dense scores of the items (for re-thresholding and the uncertainty-aware set).
-        lm: The model, for the DKN suppressions.
+        lm: The model, for the DKN suppressions and the carriers' direct effects.
+        known: The knowledge filter: only the passing queries of the languages where the fact is known enter
+            any set; every language's status is recorded in ``known``.
+        carriers: Carriers vs upstream neurons (needs ``lm``; skipped when it is None).
     """
     fact = FactNeurons(relation=next(iter(per_language.values()))[0].relation)
+    per_language, fact.known = filter_known(per_language, known)
     masks: dict[str, torch.Tensor] = {}
     for language in sorted(per_language):
         queries = sorted(per_language[language], key=lambda i: i.query_id)
+        per_language[language] = queries
         coarse = torch.stack([_coarse(q, kn, hparams, dense, dims) for q in queries])
         if kn.adaptive:
             mask, p_used = adaptive_refine(coarse, kn.p, kn.min_neurons, kn.max_neurons, kn.p_step)
@@ -182,18 +225,25 @@ def select_fact(
         fact.languages[language] = mask_to_neurons(mask, rank)
         fact.p[language] = p_used
         masks[language] = mask
-    needed = likn.min_languages or len(all_languages)
-    if len(masks) >= needed:
+    # LIKN over the languages that entered selection: without the filter, every language of the run must be
+    # there (unless likn.min_languages); with it, the languages where the fact is known, at least two of them
+    # (one language alone is independent of nothing) unless the run has only one.
+    needed = likn.min_languages or (len(masks) if known.enabled else len(all_languages))
+    enough = len(masks) > 1 or len(all_languages) == 1 or not known.enabled
+    fact.likn_languages = sorted(masks)
+    if masks and len(masks) >= needed and enough:
         shared = language_independent(masks, needed)
         counts = torch.stack(list(masks.values())).sum(0).float()
         fact.language_independent = mask_to_neurons(shared, counts)
-    items = [q for lang in sorted(per_language) for q in sorted(per_language[lang], key=lambda i: i.query_id)]
-    if uncertainty.enabled:
+    items = [q for lang in sorted(per_language) for q in per_language[lang]]
+    if uncertainty.enabled and items:
         if dense is None:
             raise SelectionError(
                 "the uncertainty-aware aggregation needs dense attribution scores: " + SCORES_HINT
             )
         fact.uncertainty = _uncertainty(items, dense, uncertainty)
-    if lm is not None and dkn.enabled:
+    if lm is not None and dkn.enabled and items:
         _degenerate(lm, fact, items, dense, dims, dkn)
+    if lm is not None and carriers.enabled:
+        _carriers(lm, fact, per_language, dense, dims, carriers)
     return fact

@@ -13,7 +13,16 @@ callback, or as :func:`run_selection`. For every fact it computes (see :mod:`knl
 * **uncertainty-aware neurons** (knlight's MATRICE-style formulation, see :mod:`knlight.neurons.selection`): a
   lower confidence bound across queries and languages of the normalised dense scores (needs the predict run's
   ``scores.safetensors``);
-* **degenerate neurons** (AMIG Algorithm 1 pairs and greedy larger sets): needs the model, which it loads.
+* **degenerate neurons** (AMIG Algorithm 1 pairs and greedy larger sets): needs the model, which it loads;
+* **carriers** and **upstream** neurons (``--carriers.enabled true``): the candidates whose own write raises the
+  answer (direct effect, later layers held clean; :mod:`knlight.selection.carriers`) and the knowledge neurons
+  that only feed them; needs the model.
+
+**Known facts only, by default.** Before any of that, the knowledge filter (:class:`~knlight.selection.options.
+KnownOptions`, ``--known.*``) keeps only the queries whose gold answer the model ranks in its top
+``max_rank`` = 10 or gives P >= ``min_prob`` = 0.1, and only the (fact, language) with at least ``min_queries``
+= 1 passing query: the file records each language's status under ``known`` and takes LIKN over the known
+languages (``language_independent_over``). ``--known.enabled false`` turns it off (the status is still recorded).
 
 Pure Python + torch, no Lightning.
 """
@@ -30,7 +39,15 @@ from knlight.lm.options import LMOptions, model_dims
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.runfolder.format import SCORES
 from knlight.selection.facts import select_fact
-from knlight.selection.options import DknOptions, KnOptions, LiknOptions, UncertaintyOptions
+from knlight.selection.known import check_known_options, describe
+from knlight.selection.options import (
+    CarrierOptions,
+    DknOptions,
+    KnOptions,
+    KnownOptions,
+    LiknOptions,
+    UncertaintyOptions,
+)
 from knlight.selection.reader import (
     SCORES_HINT,
     AttributionRun,
@@ -56,6 +73,8 @@ def run_selection(
     likn: LiknOptions = LiknOptions(),
     uncertainty: UncertaintyOptions = UncertaintyOptions(),
     dkn: DknOptions = DknOptions(),
+    known: KnownOptions = KnownOptions(),
+    carriers: CarrierOptions = CarrierOptions(),
 ) -> NeuronFile:
     """Select knowledge neurons from a predict run and write a neuron file.
 
@@ -65,8 +84,8 @@ def run_selection(
         scores: Dense scores file (default: ``scores.safetensors`` beside ``attributions.jsonl``); needed by
             the uncertainty-aware aggregation and by a coarse τ below the predict run's.
         lm: The model the attributions come from (default: the predict run's, from ``run.json``). Loaded only
-            for DKN; otherwise only its shape is read.
-        device: Where to run the DKN suppressions (default CPU; e.g. ``cuda``).
+            for DKN and the carriers; otherwise only its shape is read.
+        device: Where to run the DKN suppressions and direct effects (default CPU; e.g. ``cuda``).
         num_layers: The model's number of layers (skips reading the model's config; give it with ``d_ff``).
         d_ff: The model's neurons per layer.
         languages: Use only these languages (default: every language in the attributions).
@@ -74,6 +93,8 @@ def run_selection(
         likn: Language-independent neurons.
         uncertainty: Uncertainty-aware aggregation.
         dkn: Degenerate neurons.
+        known: The knowledge filter (on by default): only facts, languages and queries the model knows count.
+        carriers: Carriers (neurons whose own write raises the answer) vs upstream neurons.
 
     Returns:
         The neuron file (also written to ``output`` when given).
@@ -84,8 +105,10 @@ def run_selection(
             raise SelectionError(f"{run.path}: no run.json beside it names the model; pass --lm.model")
         lm = LMOptions(run.hparams["model"], run.hparams.get("tokenizer"), run.hparams.get("dtype"),
                        run.hparams.get("gguf_file"))  # fmt: skip
-    loaded = lm.load(device=device) if dkn.enabled else None
-    return select_run(run, output, lm.model, loaded, num_layers, d_ff, languages, kn, likn, uncertainty, dkn)
+    check_known_options(known)
+    loaded = lm.load(device=device) if dkn.enabled or carriers.enabled else None
+    return select_run(run, output, lm.model, loaded, num_layers, d_ff, languages, kn, likn, uncertainty, dkn,
+                      known, carriers)  # fmt: skip
 
 
 def select_run(
@@ -100,15 +123,21 @@ def select_run(
     likn: LiknOptions = LiknOptions(),
     uncertainty: UncertaintyOptions = UncertaintyOptions(),
     dkn: DknOptions = DknOptions(),
+    known: KnownOptions = KnownOptions(),
+    carriers: CarrierOptions = CarrierOptions(),
 ) -> NeuronFile:
-    """:func:`run_selection` on an already read run, with an already loaded model for DKN (or None)."""
+    """:func:`run_selection` on an already read run, with an already loaded model for DKN and the carriers (or
+    None)."""
     started = time.perf_counter()
+    check_known_options(known)
     items = [i for i in run.items if languages is None or i.language in languages]
     if not items:
         raise SelectionError(f"{run.path}: no item in languages {languages}")
     all_languages = sorted({i.language for i in items})
     if dkn.enabled and lm is None:
         raise SelectionError("dkn.enabled needs the model: load it (run_selection does)")
+    if carriers.enabled and lm is None:
+        raise SelectionError("carriers.enabled needs the model: load it (run_selection does)")
     if lm is not None:
         dims = (lm.num_layers, lm.d_ff)
     elif num_layers is not None and d_ff is not None:
@@ -140,14 +169,28 @@ def select_run(
     stats: dict[str, list[int]] = defaultdict(list)
     for uuid in sorted(by_fact):
         fact = select_fact(
-            by_fact[uuid], dims, all_languages, run.hparams, kn, likn, uncertainty, dkn, dense, lm
+            by_fact[uuid],
+            dims,
+            all_languages,
+            run.hparams,
+            kn,
+            likn,
+            uncertainty,
+            dkn,
+            dense,
+            lm,
+            known,
+            carriers,
         )
+        stats["known"] += [int(status.known) for status in fact.known.values()]
         stats["kn"] += [len(fact.languages[language]) for language in sorted(fact.languages)]
         stats["likn"].append(len(fact.language_independent))
         if uncertainty.enabled:
             stats["uncertainty"].append(len(fact.uncertainty))
-        if lm is not None:
+        if lm is not None and dkn.enabled:
             stats["dkn pairs"].append(len(fact.degenerate_pairs))
+        if carriers.enabled:
+            stats["carriers"].append(len(fact.carriers_fact))
         facts[uuid] = fact
     method = {
         "attributions": str(run.source),
@@ -157,9 +200,19 @@ def select_run(
         "likn": asdict(likn),
         "uncertainty": asdict(uncertainty),
         "dkn": asdict(dkn),
+        "known": asdict(known),
+        "carriers": asdict(carriers),
     }
     result = NeuronFile(model_name, dims[0], dims[1], method, facts)
+    known_flags = stats.pop("known", [])
+    log.info(
+        "knowledge filter (%s, %s): %d of %d (fact, language) known%s",
+        describe(known), "on" if known.enabled else "off: recorded only", sum(known_flags), len(known_flags),
+        "; the others are left out of every set" if known.enabled else "",
+    )  # fmt: skip
     for name, values in stats.items():
+        if not values:
+            continue
         empty = sum(v == 0 for v in values)
         unit = "(fact, language)" if name == "kn" else "fact"
         log.info(

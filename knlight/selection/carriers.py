@@ -1,0 +1,79 @@
+"""Carriers vs upstream neurons: which of a fact's candidate neurons *write* the answer.
+
+IG and suppression measure a neuron's *total* effect: what the answer loses when the neuron is gone, including
+everything later layers compute from it. A neuron upstream of the real carriers (it builds the state they read)
+has a large total effect and a small *direct* effect — its own write to the residual stream barely moves the
+answer when the later sublayers are held at their clean values (:mod:`knlight.neurons.direct_effect`).
+
+Per (fact, language), from its queries (the known ones, with the knowledge filter on): the candidates are the
+language's knowledge neurons and the ``top_k`` neurons of highest mean normalised attribution; each gets its
+mean direct effect over the queries. **Carriers** are the candidates whose direct effect is at least
+``threshold`` · the largest candidate's and at least ``min_effect`` nats; the language's knowledge neurons that
+are not carriers are its **upstream** neurons. The fact's carriers are the union over its languages (by largest
+direct effect), its upstream neurons the union of the languages' upstream neurons that carry in no language.
+Pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from knlight.lm.prompts import EncodedQuery
+from knlight.neurons.direct_effect import direct_effects_of
+from knlight.neurons.neuron import Neuron
+from knlight.neurons.neuron_file import FactNeurons
+from knlight.neurons.selection import mask_to_neurons, top_k_mask
+from knlight.selection.options import CarrierOptions
+
+
+def language_carriers(
+    lm: Any,
+    encoded: Sequence[EncodedQuery],
+    knowledge_neurons: Sequence[Neuron],
+    rank: torch.Tensor,
+    options: CarrierOptions,
+) -> tuple[list[Neuron], list[Neuron], list[tuple[int, int, float, float]]]:
+    """One (fact, language)'s carriers, upstream neurons and candidate effects.
+
+    Args:
+        lm: The model.
+        encoded: The language's queries (encoded with their answers).
+        knowledge_neurons: The language's knowledge neurons (always candidates).
+        rank: ``[L, d]`` mean normalised attribution over the queries (the total effect).
+        options: Candidates and thresholds.
+
+    Returns:
+        Carriers (by decreasing direct effect), upstream neurons (in the knowledge neurons' order) and per
+        candidate ``(layer, index, total, direct)`` by decreasing total effect.
+    """
+    top = mask_to_neurons(top_k_mask(rank, options.top_k, within=rank > 0), rank)
+    candidates = list(dict.fromkeys([*knowledge_neurons, *top]))
+    if not candidates or not encoded:
+        return [], list(knowledge_neurons), []
+    direct = direct_effects_of(lm, encoded, candidates, options.method, options.chunk_rows).mean(0)
+    best = float(direct.max())
+    bar = max(options.threshold * best, options.min_effect)
+    order = sorted(range(len(candidates)), key=lambda k: -float(direct[k]))
+    carriers = [candidates[k] for k in order if float(direct[k]) >= bar]
+    chosen = set(carriers)
+    upstream = [n for n in knowledge_neurons if n not in chosen]
+    effects = sorted(
+        ((a, b, float(rank[a, b]), float(direct[k])) for k, (a, b) in enumerate(candidates)),
+        key=lambda row: (-row[2], row[0], row[1]),
+    )
+    return carriers, upstream, effects
+
+
+def fact_carriers(fact: FactNeurons) -> None:
+    """The fact-level carriers and upstream neurons from the per-language ones (in place)."""
+    best: dict[Neuron, float] = {}
+    direct_of = {lang: {(a, b): d for a, b, _, d in rows} for lang, rows in fact.effects.items()}
+    for language, carriers in (fact.carriers or {}).items():
+        for neuron in carriers:
+            best[neuron] = max(best.get(neuron, -float("inf")), direct_of[language][neuron])
+    fact.carriers_fact = sorted(best, key=lambda n: (-best[n], n))
+    upstream = dict.fromkeys(n for lang in sorted(fact.upstream) for n in fact.upstream[lang])
+    fact.upstream_fact = [n for n in upstream if n not in best]

@@ -1,0 +1,153 @@
+"""Direct effects and the ``carriers`` selection.
+
+The oracle for the direct effect is GPT-2's residual stream written out by hand: the final hidden state is the
+embedding plus every attention and MLP output (pre-LN blocks add their sublayers' outputs), so removing one
+neuron's write ``a_i · W_out[:, i]`` with every later sublayer held at its clean value is a subtraction from
+that sum, then ``ln_f`` and the tied head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knlight import load_lm
+from knlight.neurons.direct_effect import (
+    DirectEffectError,
+    direct_effects,
+    direct_effects_of,
+    linear_direct_effects,
+)
+
+ITEMS = [("The capital of France is [Y].", "Paris"), ("Marie Curie was a [Y].", "physicist and chemist")]
+
+
+def _hand_residual(lm, query) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """GPT-2's clean residual stream at the end, each MLP's activations and each block's MLP output."""
+    model = lm.model.transformer
+    ids = torch.tensor([query.input_ids])
+    acts: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    attn_outs: list[torch.Tensor] = []
+
+    def mlp_hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        acts.append(args[0])
+        outs.append(out)
+
+    def attn_hook(
+        module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]
+    ) -> None:
+        attn_outs.append(out[0])
+
+    handles = [block.mlp.c_proj.register_forward_hook(mlp_hook) for block in model.h]
+    handles += [block.attn.register_forward_hook(attn_hook) for block in model.h]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    positions = torch.arange(ids.shape[1])
+    embed = model.wte(ids) + model.wpe(positions)[None]
+    stream = embed + sum(attn_outs) + sum(outs)
+    return stream, acts, outs
+
+
+def _hand_log_p(lm, query, stream: torch.Tensor) -> torch.Tensor:
+    logits = lm.model.lm_head(lm.model.transformer.ln_f(stream))
+    log_probs = torch.log_softmax(logits[0].float(), -1)
+    return sum(log_probs[p, t] for p, t in query.targets)
+
+
+def test_direct_effect_equals_a_hand_computed_patched_forward() -> None:
+    lm = load_lm("tiny:gpt2")
+    neurons = [(0, 3), (1, 17), (2, 40), (2, 5), (0, 63)]
+    queries = [lm.encode(*item) for item in ITEMS]
+    got = direct_effects(lm, queries, neurons, chunk_rows=2)  # chunks of 2: the chunking is exercised too
+    for q, query in enumerate(queries):
+        stream, acts, _ = _hand_residual(lm, query)
+        clean = _hand_log_p(lm, query, stream)
+        positions = [p for p, _ in query.targets]
+        for n, (layer, index) in enumerate(neurons):
+            w_out = lm.model.transformer.h[layer].mlp.c_proj.weight  # Conv1D: [d_ff, d_model]
+            patched = stream.clone()
+            patched[0, positions] -= acts[layer][0, positions, index, None] * w_out[index]
+            expected = clean - _hand_log_p(lm, query, patched)
+            assert float(got[q, n]) == pytest.approx(float(expected), abs=1e-5)
+    assert got.abs().max() > 1e-4  # the neurons do something: the comparison is not 0 == 0
+
+
+def test_direct_effect_is_not_the_total_effect() -> None:
+    """Removing the write from the *input* of later layers too (a plain suppression) differs from the direct
+    effect for a neuron below the last layer: the later layers are held clean only in the direct effect."""
+    lm = load_lm("tiny:gpt2")
+    query = lm.encode(*ITEMS[0])
+    stream, _, _ = _hand_residual(lm, query)
+    layer, index = 0, 3
+    positions = [p for p, _ in query.targets]
+    mlp = lm.model.transformer.h[layer].mlp.c_proj
+
+    def remove(module, args, out):
+        out = out.clone()
+        out[0, positions] -= args[0][0, positions, index, None] * module.weight[index]
+        return out
+
+    handle = mlp.register_forward_hook(remove)
+    try:
+        total = float(
+            _hand_log_p(lm, query, stream)
+            - lm.target_log_probs([query])[0]
+            .gather(-1, torch.tensor([[t] for _, t in query.targets]))[:, 0]
+            .sum()
+        )
+    finally:
+        handle.remove()
+    direct = float(direct_effects(lm, [query], [(layer, index)])[0, 0])
+    assert abs(total - direct) > 1e-6
+
+
+def test_linear_direct_effect_is_the_derivative_of_the_hand_computed_one() -> None:
+    """The linearised direct effect is ``−d/dε log P(stream − ε·write)`` at ε = 0 (through ln_f and the head,
+    every sublayer held clean), computed here by autograd on the hand-written residual stream."""
+    lm = load_lm("tiny:gpt2")
+    query = lm.encode(*ITEMS[1])
+    linear = linear_direct_effects(lm, query)
+    assert linear.shape == (lm.num_layers, lm.d_ff)
+    stream, acts, _ = _hand_residual(lm, query)
+    positions = [p for p, _ in query.targets]
+    for layer, index in [(0, 3), (1, 17), (2, 40)]:
+        write = (
+            acts[layer][0, positions, index, None] * lm.model.transformer.h[layer].mlp.c_proj.weight[index]
+        )
+        eps = torch.zeros((), requires_grad=True)
+        with torch.enable_grad():
+            patched = stream.detach().clone()
+            patched[0, positions] = patched[0, positions] - eps * write.detach()
+            (slope,) = torch.autograd.grad(_hand_log_p(lm, query, patched), eps)
+        assert float(linear[layer, index]) == pytest.approx(-float(slope), rel=1e-3, abs=1e-6)
+    exact = direct_effects(lm, [query], [(0, 3), (1, 17), (2, 40)])[0]
+    # First order: the same sign and size as the exact effect for these small writes.
+    assert torch.allclose(
+        exact, torch.stack([linear[0, 3], linear[1, 17], linear[2, 40]]), rtol=0.5, atol=1e-3
+    )
+    picked = direct_effects_of(lm, [query], [(2, 40), (0, 3)], method="linear")
+    assert torch.allclose(picked[0], torch.stack([linear[2, 40], linear[0, 3]]))
+    with pytest.raises(ValueError, match="exact or linear"):
+        direct_effects_of(lm, [query], [(0, 1)], method="patched")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_direct_effect_runs_on_other_architectures(arch: str) -> None:
+    """Gated (llama) and post-LN masked (bert): the clean row is the clean model, effects are finite, and a
+    neuron's effect is the same whether computed alone or with others."""
+    lm = load_lm(f"tiny:{arch}")
+    query = lm.encode(*ITEMS[0])
+    both = direct_effects(lm, [query], [(0, 1), (lm.num_layers - 1, 2)])
+    alone = direct_effects(lm, [query], [(lm.num_layers - 1, 2)])
+    assert torch.isfinite(both).all()
+    assert float(both[0, 1]) == pytest.approx(float(alone[0, 0]), abs=1e-5)
+
+
+def test_unknown_architecture_is_a_clear_error() -> None:
+    lm = load_lm("tiny:gpt2")
+    lm.model.config.model_type = "mystery"
+    with pytest.raises(DirectEffectError, match="ATTENTION_OUTPUTS"):
+        direct_effects(lm, [lm.encode(*ITEMS[0])], [(0, 1)])
