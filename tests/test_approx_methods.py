@@ -19,6 +19,7 @@ from knlight.errors import ConfigError
 from knlight.lm.hooks import edit_activations
 from knlight.lm.prompts import EncodedQuery
 from knlight.neurons.ig import IGOptions
+from knlight.selection.summary import summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,13 +225,17 @@ def test_method_option_is_validated_and_passed_on() -> None:
     assert attribute_batch(lm, ITEMS[:1], steps=2).method == "ig"
 
 
-def test_predict_records_the_method_in_run_json_and_the_neuron_file(
+def test_predict_records_the_method_in_every_result_file_and_refuses_to_resume_with_another(
     tmp_path: Path, tiny_args: Callable[[Path], list[str]]
 ) -> None:
+    """The method set in a config file reaches the task; run.json, every line, summary.json, the neuron file and
+    ``knlight summary`` state it; resuming the folder with exact IG is refused (the run fingerprint)."""
     out = tmp_path / "attributions"
+    config = tmp_path / "approx.yaml"
+    config.write_text("model:\n  init_args:\n    ig:\n      method: grad_x_act\n", encoding="utf-8")
+    writer = ["--trainer.callbacks.init_args.output_dir", str(out)]
     main([
-        *tiny_args(tmp_path), "--model.init_args.ig.method", "grad_x_act",
-        "--trainer.callbacks.init_args.output_dir", str(out),
+        *tiny_args(tmp_path), "--config", str(config), *writer,
         "--trainer.callbacks+=knlight.callbacks.SelectNeurons",
         "--trainer.callbacks.init_args.output", str(tmp_path / "neurons.json"),
     ])  # fmt: skip
@@ -241,5 +246,25 @@ def test_predict_records_the_method_in_run_json_and_the_neuron_file(
     lines = [
         json.loads(line) for line in (out / "attributions.jsonl").read_text(encoding="utf-8").splitlines()
     ]
-    assert lines and all(r is None for line in lines for r in line["residual"])  # no completeness residual
+    assert lines and all(line["method"] == "grad_x_act" for line in lines)
+    assert all(r is None for line in lines for r in line["residual"])  # no completeness residual
     assert any(line["neurons"] for line in lines)
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["method"] == "grad_x_act"
+    assert summarize(out).splitlines()[0] == "method: grad_x_act (an approximation of IG, not exact)"
+    before = (out / "attributions.jsonl").read_bytes()
+    with pytest.raises(RuntimeError, match=r"different settings \(hparams\.method;"):
+        main([*tiny_args(tmp_path), *writer])  # the default method (exact IG) on the approximate results
+    assert (out / "attributions.jsonl").read_bytes() == before
+
+
+def test_exact_ig_is_what_predict_records_by_default(
+    tmp_path: Path, tiny_args: Callable[[Path], list[str]]
+) -> None:
+    out = tmp_path / "attributions"
+    main([*tiny_args(tmp_path), "--data.init_args.batch_size", "14", "--trainer.callbacks.init_args.output_dir",
+          str(out)])  # fmt: skip
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["hparams"]["method"] == "ig"
+    lines = (out / "attributions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines and all(json.loads(line)["method"] == "ig" for line in lines)
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["method"] == "ig"
+    assert summarize(out).splitlines()[0] == "method: ig"

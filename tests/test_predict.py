@@ -114,7 +114,7 @@ def test_resume_after_crash_equals_uninterrupted_run(
     assert len(calls) == 14 - 4  # the 4 items of the written batch were not recomputed
     assert summary(tmp_path) | {"seconds": 0, "items_per_s": 0} == {
         "items": 14, "computed": 10, "resumed": 4, "per_language": {"de": 4, "en": 8, "zh-hans": 2},
-        "seconds": 0, "items_per_s": 0, "world_size": 1, "layers": [0, 1, 2],
+        "seconds": 0, "items_per_s": 0, "world_size": 1, "layers": [0, 1, 2], "method": "ig",
     }  # fmt: skip
     assert (tmp_path / OUT / "attributions.jsonl").read_bytes() == (
         finished / OUT / "attributions.jsonl"

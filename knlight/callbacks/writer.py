@@ -9,18 +9,19 @@ Output directory layout::
     shards/a003-r0001-b000000042.safetensors  dense / top-k scores of the same items (``save_scores``)
     attributions.jsonl        merged: one line per item, sorted by (uuid, language, query_id), no duplicates
     scores.safetensors        merged scores (``save_scores``)
-    summary.json              counts per language, items/s, world size, attributed layers
+    summary.json              counts per language, items/s, world size, attributed layers, method
 
 A line of ``attributions.jsonl``::
 
     {"uuid": "...", "language": "fr", "relation": "P36", "query_id": 0, "query": "...", "answer": "Paris",
      "prob": 0.31, "neurons": [[layer, neuron, score], ...], "residual": [...], "layer_mass": [...],
-     "input_hash": "3f0c...", "model_hash": "9a1e..."}
+     "method": "ig", "input_hash": "3f0c...", "model_hash": "9a1e..."}
 
 ``neurons`` are sorted by score (descending); ``residual`` is the completeness residual and ``layer_mass`` the
 share of the item's positive attribution, one entry per attributed layer (all layers by default; the list is
 ``layers`` in ``summary.json``); ``input_hash`` and ``model_hash`` record what the line was computed from
-(query and answer; the model's identity, also in ``run.json``).
+(query and answer; the model's identity, also in ``run.json``); ``method`` how the scores were computed (``ig``,
+exact, or a labelled approximation; also in ``run.json`` and ``summary.json``).
 Floats are written as the shortest decimal that round-trips their float32 value.
 
 Resume: at start the writer collects the items already present in ``attributions.jsonl`` and in the shards
@@ -138,6 +139,7 @@ class AttributionWriter(BasePredictionWriter):
         self.resume = resume
         self.dir: Path | None = None
         self.layers: list[int] | None = None
+        self.method: str | None = None
         self.attempt = 0
         self.previously_done: set[tuple[Any, ...]] = set()
         self.records: list[dict[str, Any]] | None = None
@@ -206,6 +208,10 @@ class AttributionWriter(BasePredictionWriter):
         """With the model loaded: checks its identity and the stored inputs, records run.json, hands the done
         items to the module."""
         self.layers = getattr(pl_module, "attributed_layers", None)
+        options = getattr(
+            pl_module, "ig_options", None
+        )  # an attribution task: its method goes in the summary
+        self.method = options.get("method") if isinstance(options, dict) else None
         found: dict[str, Any] = {"attempt": 0, "done": {}}
 
         def check_and_collect() -> None:
@@ -367,6 +373,7 @@ class AttributionWriter(BasePredictionWriter):
             "items_per_s": round(computed / seconds, 3) if seconds > 0 else None,
             "world_size": world_size,
             "layers": self.layers,
+            **({"method": self.method} if self.method is not None else {}),
         }
         write_lines_atomically(self.dir / SUMMARY, [json.dumps(self.summary, indent=2)])
         # Last: the record readers check the merged file against (a crash before it leaves the old record,

@@ -57,7 +57,8 @@ def item_line(prediction: dict[str, Any]) -> str:
     """One JSONL line for one predicted item (dense scores are not part of it).
 
     ``rank`` (the gold first answer token's rank under the clean model, 1 = top) is written after ``prob`` when
-    the prediction has it; lines written before knlight recorded it have none and stay readable.
+    the prediction has it; lines written before knlight recorded it have none and stay readable. ``method`` (how
+    the scores were computed: ``ig`` or a labelled approximation) is written when the prediction has it.
     """
     record = {
         "uuid": prediction["uuid"],
@@ -74,7 +75,7 @@ def item_line(prediction: dict[str, Any]) -> str:
         "residual": [None if r is None else short_float(r) for r in prediction["residual"]],
         "layer_mass": [short_float(m) for m in prediction["layer_mass"]],
     }
-    for name in ("input_hash", "model_hash"):
+    for name in ("method", "input_hash", "model_hash"):
         if name in prediction:
             record[name] = prediction[name]
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))

@@ -264,6 +264,7 @@ class AttributionModule(BaseTask):
                 "residual": [None if math.isnan(r) else r for r in attribution.residual[i].tolist()],
                 "layer_mass": (positive / total).tolist() if total > 0 else [0.0] * len(positive),
                 "layers": attribution.layers,
+                "method": attribution.method,
                 "input_hash": self.input_hash(item),
                 "model_hash": model_hash,
             }
