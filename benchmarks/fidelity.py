@@ -314,7 +314,9 @@ def real_run(model: str, records: list[dict[str, Any]], steps: int, batch: int, 
 
 
 def commit() -> str | None:
-    """The repository's HEAD commit (None outside a git checkout)."""
+    """The repository's HEAD commit (outside a git checkout, e.g. a ``git archive`` copy: $KNLIGHT_COMMIT)."""
+    if os.environ.get("KNLIGHT_COMMIT"):
+        return os.environ["KNLIGHT_COMMIT"]
     try:
         run = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
