@@ -73,7 +73,8 @@ def attribute_batch(
     engine: str = "fast",
     objective: str = "prob",
     aggregation: str = "paper",
-    chunk_rows: int | None = None,
+    chunk_rows: int | str | None = None,
+    max_memory_gb: float | None = None,
     completeness: bool = True,
 ) -> Attribution:
     """Integrated-gradient attribution of every FFN neuron for a batch of (query, answer) items.
@@ -94,7 +95,9 @@ def attribute_batch(
         objective: ``"prob"`` (F = P(y)) or ``"log_prob"``.
         aggregation: For ``amig``: ``"paper"`` sums per-word IG and normalises each layer by the magnitude of
             its sum; ``"code"`` integrates from the averaged baseline with prefactor ā (the AMIG code).
-        chunk_rows: Upper bound on rows processed at once by the fast engine (memory knob).
+        chunk_rows: Upper bound on rows processed at once by the fast engine (memory knob), or ``"auto"``:
+            planned from ``max_memory_gb`` (:mod:`knlight.neurons.memory`).
+        max_memory_gb: Budget of ``chunk_rows="auto"`` in GiB (None: 90 % of the device's free memory).
         completeness: Also evaluate F(a') to report the completeness residual (one extra row per problem when
             the quadrature has no α=0 node).
     """
@@ -118,7 +121,9 @@ def attribute_batch(
     encoded = [it if isinstance(it, EncodedQuery) else lm.encode(*it) for it in items]  # type: ignore[attr-defined]
     exact_engine = method in ("ig", "steps1_zero")
     # The approximations run their own passes; the reference engine's clean pass keeps no states for a sweep.
-    eng = make_engine(engine if exact_engine else "reference", lm, chunk_rows=chunk_rows)
+    eng = make_engine(
+        engine if exact_engine else "reference", lm, chunk_rows=chunk_rows, max_memory_gb=max_memory_gb
+    )
 
     seqs = [e.input_ids for e in encoded]
     targets = [e.targets for e in encoded]
@@ -223,7 +228,8 @@ def attribute(
     engine: str = "fast",
     objective: str = "prob",
     aggregation: str = "paper",
-    chunk_rows: int | None = None,
+    chunk_rows: int | str | None = None,
+    max_memory_gb: float | None = None,
 ) -> torch.Tensor:
     """Attribution ``[len(layers), d_ff]`` (all layers by default) of one cloze query; see :func:`attribute_batch`.
 
@@ -242,6 +248,7 @@ def attribute(
         objective=objective,
         aggregation=aggregation,
         chunk_rows=chunk_rows,
+        max_memory_gb=max_memory_gb,
         completeness=False,
     )
     return result.scores[0]

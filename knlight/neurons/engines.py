@@ -19,14 +19,17 @@ if TYPE_CHECKING:
     from knlight.neurons.fast_engine import FastEngine
 
 
-def make_engine(name: str, lm: Any, chunk_rows: int | None = None) -> ReferenceEngine | FastEngine:
-    """Build the engine called ``name`` (``"fast"`` or ``"reference"``)."""
+def make_engine(
+    name: str, lm: Any, chunk_rows: int | str | None = None, max_memory_gb: float | None = None
+) -> ReferenceEngine | FastEngine:
+    """Build the engine called ``name`` (``"fast"`` or ``"reference"``; ``chunk_rows``/``max_memory_gb``: the
+    fast engine's memory knobs)."""
     if name == "reference":
         return ReferenceEngine(lm)
     if name == "fast":
         from knlight.neurons.fast_engine import FastEngine
 
-        return FastEngine(lm, chunk_rows=chunk_rows)
+        return FastEngine(lm, chunk_rows=chunk_rows, max_memory_gb=max_memory_gb)
     raise ValueError(f"unknown engine {name!r}; choose 'fast' or 'reference'")
 
 

@@ -41,6 +41,7 @@ from knlight.lm.upstream import (
 )
 from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, map_tensors
 from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
+from knlight.neurons.memory import ModelShape, budget_bytes, default_head_rows, fixed_chunks, plan_sweep
 
 _Rows = Rows  # the name tests patch to simulate a replay that ignores the model's mask
 DEFAULT_CHUNK_ROWS = {True: 64, False: 512}
@@ -52,14 +53,28 @@ class FastEngine:
 
     Args:
         lm: A :class:`knlight.LanguageModel`.
-        chunk_rows: Rows (problems × quadrature nodes) per sweep; None for the default.
-        head_rows: Rows per LM-head sub-chunk; None: as many as keep the logits within ~256 MB.
+        chunk_rows: Rows (problems × quadrature nodes) per sweep; None for the default; ``"auto"``: planned
+            from ``max_memory_gb`` (:mod:`knlight.neurons.memory`).
+        head_rows: Rows per LM-head sub-chunk; None: as many as keep the logits within ~256 MB (or the plan's).
+        max_memory_gb: The budget of ``chunk_rows="auto"`` in GiB; None: 90 % of what the device has free.
     """
 
-    def __init__(self, lm: Any, chunk_rows: int | None = None, head_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        lm: Any,
+        chunk_rows: int | str | None = None,
+        head_rows: int | None = None,
+        max_memory_gb: float | None = None,
+    ) -> None:
         self.lm = lm
-        self.chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS[bool(lm.masked)]
-        self.head_rows = head_rows or max(8, (256 << 20) // (16 * _vocab(lm)))
+        self.shape = ModelShape.of(lm)
+        # The budget is read before the clean pass allocates anything (it is charged to the budget).
+        self.budget = budget_bytes(max_memory_gb, lm.device) if chunk_rows == "auto" else None
+        self.chunk_rows = chunk_rows if isinstance(chunk_rows, int) else DEFAULT_CHUNK_ROWS[bool(lm.masked)]
+        self.head_rows = head_rows or default_head_rows(self.shape)
+        self.fixed_head_rows = head_rows is not None
+        self.planned_bytes: int | None = None
+        """The largest planned peak of the last ``integrate`` (``chunk_rows="auto"`` only)."""
         self._calls: list[BlockCall] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._clean_lp: dict[tuple[int, int], float] = {}
@@ -134,14 +149,25 @@ class FastEngine:
         f0 = torch.full((len(problems),), float("nan"))
         order = torch.argsort(problems.layer, stable=True)
         self._check_sweep(problems)
-        per_chunk = max(1, self.chunk_rows // m)
-        for start in range(0, len(order), per_chunk):
-            chunk = order[start : start + per_chunk]
+        for lo, hi in self._chunks(problems.layer[order].tolist(), m):
+            chunk = order[lo:hi]
             g, f = self._sweep(problems, chunk, nodes, node_w, objective)
             grad_sum[chunk] = g
             if need_f0:
                 f0[chunk] = f[:, -1]
         return grad_sum, f0
+
+    def _chunks(self, sorted_layers: list[int], m: int) -> list[tuple[int, int]]:
+        """Problem ranges (in layer order): fixed ``chunk_rows``, or planned from the budget."""
+        if self.budget is None:
+            return fixed_chunks(len(sorted_layers), m, self.chunk_rows)
+        batch, seq_len = self._calls[0].hidden.shape[:2]
+        grouped = not self.lm.masked and self._grouped()
+        plan = plan_sweep(self.shape, sorted_layers, m, seq_len, batch, self.budget, grouped)
+        if not self.fixed_head_rows:
+            self.head_rows = plan.head_rows
+        self.planned_bytes = plan.planned_bytes
+        return plan.chunks
 
     def _check_sweep(self, problems: Problems) -> None:
         """Guard against a silently wrong sweep: at α = 1 a row *is* the clean model, so its log-probability
@@ -264,12 +290,6 @@ class FastEngine:
                 (grads[part],) = torch.autograd.grad(value.sum(), xs)
             values[part] = value.detach()
         return values, grads
-
-
-def _vocab(lm: Any) -> int:
-    """Vocabulary size of the LM head (rows of its output)."""
-    out = getattr(lm.model.get_output_embeddings(), "out_features", None)
-    return int(out or lm.model.config.vocab_size)
 
 
 class _ChunkArgs:

@@ -131,9 +131,13 @@ class IGOptions:
     """``prob`` (F = P(answer)) or ``log_prob``."""
     engine: EngineName = "fast"
     """``fast`` (default) or ``reference`` (plain autograd, one layer at a time: the oracle; same numbers)."""
-    chunk_rows: int | None = None
-    """Upper bound on rows processed at once (a memory knob: lower it when memory is short; results do not
-    depend on it)."""
+    chunk_rows: int | Literal["auto"] | None = None
+    """Upper bound on rows processed at once (a memory knob; results do not depend on it): a number, null for
+    the engine's default (64 rows masked, 512 causal), or ``auto``: the fast engine plans its chunks and LM-head
+    sub-chunks so the planned peak stays within ``max_memory_gb`` (:mod:`knlight.neurons.memory`)."""
+    max_memory_gb: float | None = None
+    """Memory budget of ``chunk_rows: auto`` in GiB (everything the attribution allocates beyond the loaded
+    model); null: 90 % of what the device has free when the engine starts."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.quadrature in ("eleuther", "trapezoid") and self.steps < 2):
@@ -141,10 +145,24 @@ class IGOptions:
             raise ConfigError(
                 f"ig.steps={self.steps}: the {self.quadrature} quadrature needs steps >= {least}"
             )
-        if self.chunk_rows is not None and self.chunk_rows < 1:
+        rows = self.chunk_rows
+        if rows not in (None, "auto") and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ConfigError(
-                f"ig.chunk_rows={self.chunk_rows}: give a positive number, or null for the default"
+                f"ig.chunk_rows={rows!r}: give a positive number, auto (planned from ig.max_memory_gb), or "
+                "null for the default"
             )
+        if self.max_memory_gb is not None:
+            if isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, int | float):
+                raise ConfigError(f"ig.max_memory_gb={self.max_memory_gb!r}: give a number of GiB, or null")
+            if self.max_memory_gb <= 0:
+                raise ConfigError(
+                    f"ig.max_memory_gb={self.max_memory_gb}: give a positive number of GiB, or null"
+                )
+            if self.chunk_rows != "auto":
+                raise ConfigError(
+                    f"ig.max_memory_gb={self.max_memory_gb} is the budget of ig.chunk_rows=auto, but "
+                    f"ig.chunk_rows={self.chunk_rows!r}: set ig.chunk_rows=auto, or drop ig.max_memory_gb"
+                )
         for name, value, choices in (
             ("method", self.method, METHODS),
             ("baseline", self.baseline, BASELINES),
@@ -172,6 +190,7 @@ class IGOptions:
             objective=self.objective,
             engine=self.engine,
             chunk_rows=self.chunk_rows,
+            max_memory_gb=self.max_memory_gb,
         )
 
 
