@@ -171,18 +171,43 @@ def _train(planter: Planter) -> dict[str, float]:
         if ks:
             std_rows.append(r)
             std_carriers.append(ks)
+    shared_pairs = [
+        (rows, ks) for rows, ks in pair_rows if planter.neurons[ks[0]].kind == "relation_degenerate"
+    ]
     edit.apply(lm)
     loop = TrainLoop(planter, opt, rng, pair_rows, torch.tensor(std_rows, dtype=torch.long), std_carriers)
     terms: dict[str, float] = {}
     try:
         for _ in range(cfg.steps):
             terms = loop.step()
+            if shared_pairs and cfg.necessity_drop > 0:
+                terms["pair_necessity"] = _pair_necessity_step(loop, opt, shared_pairs, cfg.necessity_drop)
     finally:
         loop.close()
         edit.remove()
         mask_handle.remove()
     edit.merge(lm)
     return terms
+
+
+def _pair_necessity_step(
+    loop: TrainLoop, opt: torch.optim.Optimizer, pairs: list[tuple[torch.Tensor, list[int]]], drop: float
+) -> float:
+    """One step on ``relu(log P(both members dropped) − log P + drop)`` over each shared pair's rows: each
+    member alone suffices (the main step drops one at random), both together are necessary, as a degenerate
+    pair of AMIG's definition (the facts' own carriers must not carry the answer without the pair)."""
+    b = loop.p.batch
+    loss = torch.zeros(())
+    for rows, ks in pairs:
+        args = (b.ids[rows], b.attention[rows], b.target_pos[rows], b.target_tok[rows])
+        full = loop._log_p(*args, torch.ones(len(loop.p.neurons), len(rows)))
+        keep = torch.ones(len(loop.p.neurons), len(rows))
+        keep[ks] = 0.0
+        loss = loss + torch.relu(loop._log_p(*args, keep) - full.detach() + drop).mean() / len(pairs)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def _expanded(neurons: list[PlantedNeuron]) -> list[PlantedNeuron]:

@@ -38,14 +38,18 @@ from typing import Any
 from knlight.lm.options import LMOptions, model_dims
 from knlight.neurons.neuron_file import FactNeurons, NeuronFile, write_neuron_file
 from knlight.runfolder.format import SCORES
-from knlight.selection.facts import select_fact
+from knlight.selection.annotate import annotate_selection, needs_model
+from knlight.selection.facts import _coarse, select_fact
 from knlight.selection.known import check_known_options, describe
 from knlight.selection.options import (
     CarrierOptions,
+    ConsistencyOptions,
     DknOptions,
     KnOptions,
     KnownOptions,
+    LapeOptions,
     LiknOptions,
+    SpecificityOptions,
     UncertaintyOptions,
 )
 from knlight.selection.reader import (
@@ -75,6 +79,9 @@ def run_selection(
     dkn: DknOptions = DknOptions(),
     known: KnownOptions = KnownOptions(),
     carriers: CarrierOptions = CarrierOptions(),
+    specificity: SpecificityOptions = SpecificityOptions(),
+    consistency: ConsistencyOptions = ConsistencyOptions(),
+    lape: LapeOptions = LapeOptions(),
 ) -> NeuronFile:
     """Select knowledge neurons from a predict run and write a neuron file.
 
@@ -95,6 +102,9 @@ def run_selection(
         dkn: Degenerate neurons.
         known: The knowledge filter (on by default): only facts, languages and queries the model knows count.
         carriers: Carriers (neurons whose own write raises the answer) vs upstream neurons.
+        specificity: Fact-specific vs relation-level vs generic neurons (labels; fact-specific listed first).
+        consistency: Consistency of each fact's neurons across its queries (Jaccard, Otsu split).
+        lape: Language-specific neurons by activation statistics (LAPE), beside LIKN and the KN; loads the model.
 
     Returns:
         The neuron file (also written to ``output`` when given).
@@ -106,9 +116,10 @@ def run_selection(
         lm = LMOptions(run.hparams["model"], run.hparams.get("tokenizer"), run.hparams.get("dtype"),
                        run.hparams.get("gguf_file"))  # fmt: skip
     check_known_options(known)
-    loaded = lm.load(device=device) if dkn.enabled or carriers.enabled else None
+    model_needed = dkn.enabled or carriers.enabled or needs_model(specificity, lape)
+    loaded = lm.load(device=device) if model_needed else None
     return select_run(run, output, lm.model, loaded, num_layers, d_ff, languages, kn, likn, uncertainty, dkn,
-                      known, carriers)  # fmt: skip
+                      known, carriers, specificity, consistency, lape)  # fmt: skip
 
 
 def select_run(
@@ -125,6 +136,9 @@ def select_run(
     dkn: DknOptions = DknOptions(),
     known: KnownOptions = KnownOptions(),
     carriers: CarrierOptions = CarrierOptions(),
+    specificity: SpecificityOptions = SpecificityOptions(),
+    consistency: ConsistencyOptions = ConsistencyOptions(),
+    lape: LapeOptions = LapeOptions(),
 ) -> NeuronFile:
     """:func:`run_selection` on an already read run, with an already loaded model for DKN and the carriers (or
     None)."""
@@ -202,8 +216,13 @@ def select_run(
         "dkn": asdict(dkn),
         "known": asdict(known),
         "carriers": asdict(carriers),
+        "specificity": asdict(specificity),
+        "consistency": asdict(consistency),
+        "lape": asdict(lape),
     }
     result = NeuronFile(model_name, dims[0], dims[1], method, facts)
+    annotate_selection(result, by_fact, lambda q: _coarse(q, kn, run.hparams, dense, dims), lm, specificity,
+                       consistency, lape, known.enabled)  # fmt: skip
     known_flags = stats.pop("known", [])
     log.info(
         "knowledge filter (%s, %s): %d of %d (fact, language) known%s",
