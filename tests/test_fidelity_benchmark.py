@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "fidelity.py"
 METHODS = ["ig", "grad_x_act", "steps1_zero", "joint_ig"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fidelity_module() -> ModuleType:
@@ -92,3 +93,15 @@ def test_quick_mode_runs_end_to_end_and_writes_every_field(tmp_path: Path) -> No
         assert row["s_per_query"] > 0 and row["peak_mb"] >= 0 and row["cheaper_than_ig"] > 0
         if method != "ig":
             assert len(row["spearman_per_layer"]) == 3 and in_unit(row["top5"])  # tiny:gpt2 has 3 layers
+
+
+def test_exact_ig_against_the_planted_truth_scores_as_the_planted_benchmark_does() -> None:
+    """The fidelity benchmark's truth P/R of exact IG equals benchmarks/planted.py's ``dai/global`` on one plant
+    (same selection, same carriers), so the two reports can be read side by side."""
+    fid = fidelity_module()
+    kn = fid.KnOptions(threshold=0.2, p=0.7, adaptive=False)
+    ours = fid.planted_run("gpt2", 0, 4, kn, fid.QUICK_PLANT)["methods"]["ig"]["truth"]
+    theirs = fid.planted_bench.evaluate(fid.plant("gpt2", 0, **fid.QUICK_PLANT), steps=4, tau=0.2, p=0.7)
+    reference = theirs["localisation"]["dai/global"]
+    assert (ours["tp"], ours["fp"], ours["fn"]) == (reference["tp"], reference["fp"], reference["fn"])
+    assert ours["tp"] > 0
