@@ -72,6 +72,11 @@ class PlantConfig:
     disables the term)."""
     necessity_weight: float = 1.0
     """Weight of that term."""
+    direct_necessity: bool = False
+    """Measure that necessity as the carrier's *direct* effect: in the pass with the carrier dropped, every
+    later sublayer (each block's attention and FFN output above the carrier's layer) is held at the full pass's
+    value, so the carrier must write the object itself (its drop reaches the head only through the residual
+    stream and its norms) instead of acting through later layers. Plants for the ``carriers`` selection."""
     off_weight: float = 3.0
     """Weight of the off-target activation penalty."""
     fire_weight: float = 1.0

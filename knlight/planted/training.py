@@ -9,7 +9,9 @@ rounding (the deltas are added in the forward pass instead of to the weights).
 
 Loss (see :mod:`knlight.planted.planter` for the recipe): a hinge on the answer's log-probability, the
 off-target and firing terms of every planted neuron's activation, and (standard facts) the necessity of every
-carrier; degenerate pairs drop one member (or neither) at random per query and step. Pure torch, no Lightning.
+carrier (its total effect, or with ``direct_necessity`` its direct effect: later sublayers held at the full
+pass's values); degenerate pairs drop one member (or neither) at random per query and step. Pure torch, no
+Lightning.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from knlight.neurons.direct_effect import attention_outputs
 from knlight.neurons.edits import NeuronEdit, model_layout
 from knlight.planted.build import Planter
 from knlight.planted.config import STANDARD_KINDS
@@ -124,6 +127,29 @@ class TrainLoop:
             ins, out = planter.sites.in_projs[layer], planter.sites.out_projs[layer]
             self.handles.append(ins[0].register_forward_hook(self._pre_hook(layer, idx)))
             self.handles.append(out.register_forward_pre_hook(self._out_hook(layer, idx, distract, members)))
+        # Direct necessity: the full pass records every sublayer output, the drop pass replays those above the
+        # dropped carrier's layer (its own layer computes "full minus the carrier's write" by itself).
+        self.sublayers: dict[tuple[str, int], torch.Tensor] = {}
+        self.mode: str | None = None  # "record" (full pass), "direct" (drop pass) or None
+        if planter.config.direct_necessity:
+            modules = [("attn", m) for m in attention_outputs(planter.lm)]
+            modules += [("ffn", m) for m in planter.sites.out_projs]
+            for k, (kind, module) in enumerate(modules):
+                layer = k % planter.lm.num_layers
+                self.handles.append(module.register_forward_hook(self._sublayer_hook(kind, layer)))
+
+    def _sublayer_hook(self, kind: str, layer: int) -> Any:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> Any:
+            mode = self.mode
+            if mode == "record":
+                self.sublayers[(kind, layer)] = out
+            elif mode == "direct":
+                full = self.sublayers[(kind, layer)][self.state["full_rows"]]
+                above = (self.state["carrier_layer"] < layer)[:, None, None]
+                return torch.where(above, full, out)
+            return None
+
+        return hook
 
     def _pre_hook(self, layer: int, idx: torch.Tensor) -> Any:
         def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -172,6 +198,7 @@ class TrainLoop:
             choice = torch.randint(0, 3, (len(qrows),), generator=self.rng)
             keep[ka, qrows[choice == 0]] = 0.0
             keep[kb, qrows[choice == 1]] = 0.0
+        self.mode = "record" if cfg.direct_necessity else None
         log_p = self._log_p(b.ids, b.attention, b.target_pos, b.target_tok, keep)
         loss_answer = torch.relu(-log_p - self.min_nll).mean()
         loss_off = torch.zeros(())
@@ -191,11 +218,18 @@ class TrainLoop:
         if cfg.necessity_drop > 0 and len(self.std_rows):
             rows = self.std_rows
             drop = torch.ones(len(neurons), len(rows))
+            dropped_layer = torch.zeros(len(rows), dtype=torch.long)
             for j, ks in enumerate(self.std_carriers):
-                drop[ks[int(torch.randint(0, len(ks), (1,), generator=self.rng))], j] = 0.0
+                k = ks[int(torch.randint(0, len(ks), (1,), generator=self.rng))]
+                drop[k, j] = 0.0
+                dropped_layer[j] = neurons[k].layer
+            if cfg.direct_necessity:
+                self.mode = "direct"
+                self.state.update(full_rows=rows, carrier_layer=dropped_layer)
             log_p_drop = self._log_p(
                 b.ids[rows], b.attention[rows], b.target_pos[rows], b.target_tok[rows], drop
             )
+            self.mode = None
             loss_necessity = torch.relu(log_p_drop - log_p[rows].detach() + cfg.necessity_drop).mean()
         loss = (
             loss_answer
@@ -206,6 +240,8 @@ class TrainLoop:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
+        self.mode = None
+        self.sublayers.clear()
         return {
             "answer": float(loss_answer.detach()),
             "off": float(loss_off.detach()),
