@@ -169,6 +169,24 @@ def test_metric_removes_duplicate_rows_and_sorts() -> None:
     assert torch.equal(got_value.nan_to_num(-7.0), value[order].nan_to_num(-7.0))
 
 
+def test_group_median_is_robust_to_a_tiny_p_unit_the_mean_is_not() -> None:
+    """Enhancing a query with P ≈ 1e-4 gives ΔP ≈ +99: it dominates the mean, not the median (units F1/en,
+    F1/de, F2/en, F3/en: ΔP +1, +99, +0.5, +0.25)."""
+    rows = [([item, -1, -1, -1, CLEAN, -1], [LOG(0.5), LOG(0.5), 1, 1, 0]) for item in (0, 2, 3, 4)] + [
+        ([0, 0, 0, ENHANCE, RELATED, -1], [LOG(0.4), LOG(0.8), 1, 1, 2]),
+        ([3, 0, 0, ENHANCE, RELATED, -1], [LOG(1e-4), LOG(1e-2), 0, 0, 2]),
+        ([2, 0, 0, ENHANCE, RELATED, -1], [LOG(0.4), LOG(0.6), 1, 1, 2]),
+        ([4, 0, 0, ENHANCE, RELATED, -1], [LOG(0.4), LOG(0.5), 1, 1, 2]),
+    ]
+    index = torch.tensor([r[0] for r in rows])
+    value = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+    enhance = _row(summarise(index, value, VOCAB)["intervention"], operation="enhance", group_by="all")
+    assert enhance["units"] == 4
+    assert enhance["dp_related"] == pytest.approx((1 + 99 + 0.5 + 0.25) / 4)
+    assert enhance["dp_related_median"] == pytest.approx((0.5 + 1) / 2)
+    assert math.isnan(enhance["dp_unrelated_median"])  # no unrelated rows
+
+
 def test_summarise_excludes_and_counts_nan_and_computes_sr() -> None:
     tables = summarise(*_rows(), VOCAB)
     suppress = _row(tables["intervention"], operation="suppress", group_by="all", neurons="selected")

@@ -13,7 +13,8 @@ Definitions (per method, neuron kind ``selected``/``random`` and operation):
 * A *unit* is a fact in one language ``(uuid, language)``. Its ``ΔP_related`` is the mean over its own
   queries, its ``ΔP_unrelated`` the mean over the unrelated queries sampled for them (other facts, same
   language).
-* A group (all units, one language, one relation) reports the mean over its units of both, the success rate
+* A group (all units, one language, one relation) reports the mean over its units of both (and the median:
+  a few queries with a tiny P before can dominate the mean of an enhancement), the success rate
   ``SR = mean ΔP_related / mean ΔP_unrelated`` (AMIG), and the top-1 accuracy of its related queries before
   and after the operation. ``SR_total = |SR_enhance| + |SR_suppress|``.
 * Units whose neuron set is empty are not evaluated; they are counted (``units_without_neurons``).
@@ -124,6 +125,15 @@ def _mean(values: Iterable[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
+def _median(values: Iterable[float]) -> float:
+    """The median (mean of the two middle values for an even count); NaN for none."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b != 0 and not math.isnan(a) and not math.isnan(b) else math.nan
 
@@ -204,8 +214,9 @@ def summarise(index: torch.Tensor, value: torch.Tensor, vocab: Vocabulary) -> di
             have = [u for u in members if u in per_unit]
             rows_rel = [r for u in have for r in rel_units[u]]
             rows_unrel = [r for u in have for r in unrel_units.get(u, [])]
-            d_rel = _mean(per_unit[u][0] for u in have if not math.isnan(per_unit[u][0]))
-            d_unrel = _mean(per_unit[u][1] for u in have if not math.isnan(per_unit[u][1]))
+            unit_rel = [per_unit[u][0] for u in have if not math.isnan(per_unit[u][0])]
+            unit_unrel = [per_unit[u][1] for u in have if not math.isnan(per_unit[u][1])]
+            d_rel, d_unrel = _mean(unit_rel), _mean(unit_unrel)
             sr = _ratio(d_rel, d_unrel)
             sr_parts[(method, kind, group_by, group)][OPERATIONS[op]] = sr
             intervention.append({
@@ -216,6 +227,7 @@ def summarise(index: torch.Tensor, value: torch.Tensor, vocab: Vocabulary) -> di
                 "nan_related": sum(math.isnan(dp[r]) for r in rows_rel),
                 "nan_unrelated": sum(math.isnan(dp[r]) for r in rows_unrel),
                 "dp_related": d_rel, "dp_unrelated": d_unrel, "sr": sr,
+                "dp_related_median": _median(unit_rel), "dp_unrelated_median": _median(unit_unrel),
                 "acc_before": _mean(val[r][TOP1_BEFORE] for r in rows_rel),
                 "acc_after": _mean(val[r][TOP1_AFTER] for r in rows_rel),
                 "acc_unrelated_before": _mean(val[r][TOP1_BEFORE] for r in rows_unrel),
