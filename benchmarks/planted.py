@@ -2,8 +2,10 @@
 
 For each architecture and seed, :func:`knlight.planted.plant` builds a small random model (4 layers, 128/256)
 and plants 12 synthetic facts (3 relations x 4 facts) in 3 disjoint-vocabulary languages (4 templates each) in
-chosen FFN neurons of the upper half of the model: standard facts get 2 language-independent carriers + 1
-language-specific carrier per language (each carrier necessary: suppressing it alone costs >= 0.5 nats), a
+chosen FFN neurons of layers 1-3 (:data:`DEFAULT_PLANT`; ``--plant '{}'``: the upper half, as before issue 17):
+standard facts get 2 language-independent carriers + 1 language-specific carrier per language (each carrier
+necessary by its *direct* effect: removing its write alone, later sublayers held at their values, costs >= 0.5
+nats, so it writes the object itself), a
 third of the facts get one degenerate pair instead (each member alone sufficient), and every fact gets 1
 distractor (fires on its queries, writes nothing about the object). Then, per (fact, language) record:
 
@@ -11,7 +13,11 @@ distractor (fires on its queries, writes nothing about the object). Then, per (f
   sharing (coarse in at least p = 0.7 of the record's queries);
 * **amig**: the same selection on AMIG-baseline IG (per-word [MASK]/EOS baselines, paper aggregation);
 * **uncertainty**: knlight's MATRICE-style lower confidence bound across the record's queries
-  (``uncertainty_scores``, κ = 1) on zero-baseline IG, selected by ``LCB > τ·max LCB``.
+  (``uncertainty_scores``, κ = 1) on zero-baseline IG, selected by ``LCB > τ·max LCB``;
+* **carriers**: ``knlight select --carriers.enabled true``'s set: the record's Dai neurons and its top-20 by
+  mean normalised zero-baseline IG, kept when their direct effect on log P(object) (their own write removed,
+  later sublayers clean; exact patched forwards) is >= 0.1 · the record's largest and >= 0.005 nats (the
+  defaults of ``CarrierOptions``).
 
 Each method is scored **globally** (threshold against the maximum over all layers, compared with the
 record's carriers in all layers) and **per layer** (threshold against each layer's own maximum, scored only
@@ -73,10 +79,13 @@ from knlight.selection import (
     UncertaintyOptions,
     select_fact,
 )
+from knlight.selection.options import CarrierOptions
 
 log = logging.getLogger("benchmarks.planted")
 Neuron = tuple[int, int]
-METHODS = ("dai", "amig", "uncertainty")
+METHODS = ("dai", "amig", "uncertainty", "carriers")
+DEFAULT_PLANT = {"direct_necessity": True, "plant_layers": [1, 2, 3]}
+"""The benchmark's plants: carriers over layers 1-3 of 4, each writing the object itself (see PlantConfig)."""
 SCOPES = ("global", "per_layer")
 
 
@@ -178,6 +187,7 @@ def selections(
     tau: float,
     p: float,
     kappa: float,
+    carrier_options: CarrierOptions = CarrierOptions(enabled=True),
 ) -> tuple[dict[tuple[str, str], dict[Record, set[Neuron]]], dict[tuple[str, str], dict[str, set[Neuron]]]]:
     """Every method's neurons per record and its LIKN per fact, for both scopes.
 
@@ -186,6 +196,9 @@ def selections(
     maximum), united. uncertainty: ``select_fact``'s uncertainty-aware set on one record's queries (one
     language), LIKN over the languages' sets; uncertainty_xling: its set on the fact's queries in every language.
     Per layer, the uncertainty bounds (``uncertainty_scores``) are thresholded against each layer's maximum.
+    carriers: ``select_fact``'s ``carriers`` per language (candidates: the Dai neurons and the top-20 by mean
+    normalised zero-baseline IG; kept when their direct effect is >= 0.1 · the largest and >= 0.005 nats); it
+    takes no τ·max, so its per-layer view scores the same set in the carrier layers.
     """
     lm = planted.lm
     dims = (lm.num_layers, lm.d_ff)
@@ -228,6 +241,15 @@ def selections(
         bound = uncertainty_scores(torch.stack([dense.get(q) for q in queries]), kappa=kappa,
                                    languages=[q.language for q in queries])  # fmt: skip
         likn[("uncertainty_xling", "per_layer")][uuid] = as_set(per_layer_coarse(bound, tau))
+        # carriers: select_fact's carrier set (direct effect of the candidates, knlight select --carriers.*).
+        fact = select_fact(per_language, dims, sorted(per_language), {}, kn, LiknOptions(), NO_UNCERTAINTY,
+                           NO_DKN, dense, lm, carriers=carrier_options)  # fmt: skip
+        for language in per_language:
+            for scope in SCOPES:  # no threshold against a maximum: the per-layer view scores the same set
+                chosen[("carriers", scope)][(uuid, language)] = set((fact.carriers or {})[language])
+        for scope in SCOPES:
+            sets = {language: chosen[("carriers", scope)][(uuid, language)] for language in per_language}
+            likn[("carriers", scope)][uuid] = likn_of(sets, dims)
     return chosen, likn
 
 
@@ -268,7 +290,9 @@ def evaluate(
     t2 = time.perf_counter()
     owner_t = torch.tensor(owner)
     sources = {"amig": amig_all, "zero": zero_all}
+    t_sel = time.perf_counter()
     chosen, likn_sets = selections(planted, sources, owner_t, tau, p, kappa)
+    t_sel_end = time.perf_counter()
     planted_any = {(n.layer, n.index) for n in planted.neurons}
 
     counts = {(m, s): [0, 0, 0] for m in METHODS for s in SCOPES}
@@ -349,7 +373,7 @@ def evaluate(
         "within_layer_topn": within_layer[0] / within_layer[1],
         "likn": likn,
         "dkn": dkn,
-        "seconds": {"ig_zero": t1 - t0, "ig_amig": t2 - t1, "dkn": t4 - t3},
+        "seconds": {"ig_zero": t1 - t0, "ig_amig": t2 - t1, "selection": t_sel_end - t_sel, "dkn": t4 - t3},
     }
 
 
@@ -539,7 +563,8 @@ def table(summaries: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int
     ])
     lines += ["", "Localisation vs the carriers of each (fact, language) record. "
               "global: τ·max over all layers; "
-              "per-layer: τ·max of each layer, scored in the record's carrier layers (oracle-assisted)"]
+              "per-layer: τ·max of each layer, scored in the record's carrier layers (oracle-assisted); "
+              "carriers: direct effect (no τ·max; its per-layer view is the same set in the carrier layers)"]
     lines += _rows(summaries, [
         ("method", "", 0), ("arch", "", 0),
         ("global P", "loc.{m}/global.precision", 2), ("global R", "loc.{m}/global.recall", 2),
@@ -606,14 +631,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--save-dir", type=Path, default=None, help="also save each plant under this folder")
     parser.add_argument(
-        "--plant", type=json.loads, default={}, help="PlantConfig overrides as JSON, e.g. '{\"steps\": 150}'"
+        "--plant", type=json.loads, default=DEFAULT_PLANT,
+        help=f"PlantConfig overrides as JSON (default {json.dumps(DEFAULT_PLANT)}; '{{}}': the plants before "
+        "issue 17, carriers in the upper half and necessary by their total effect)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="combine these result files (runs of other archs) into --out instead of running",
     )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs = []
-    for arch in args.archs:
+    parts: list[dict[str, Any]] = []
+    if args.merge:
+        parts = [json.loads(path.read_text(encoding="utf-8")) for path in args.merge]
+        runs = [run for part in parts for run in part["runs"]]
+        args.archs = list(dict.fromkeys(run["arch"] for run in runs))
+        args.seeds = sorted({run["seed"] for run in runs})
+    for arch in args.archs if not args.merge else []:
         for seed in args.seeds:
             planted = plant(arch, seed, **args.plant)
             if args.save_dir is not None:
@@ -629,13 +669,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             runs.append({"arch": arch, "seed": seed, "plant": planted.report, **metrics})
             log.info(
-                "%s seed %d: dai global P %.2f R %.2f, per-layer P %.2f R %.2f, DKN recall %.2f (%.0fs)",
+                "%s seed %d: dai global P %.2f R %.2f, carriers global P %.2f R %.2f, DKN recall %.2f (%.0fs)",
                 arch,
                 seed,
                 metrics["localisation"]["dai/global"]["precision"],
                 metrics["localisation"]["dai/global"]["recall"],
-                metrics["localisation"]["dai/per_layer"]["precision"],
-                metrics["localisation"]["dai/per_layer"]["recall"],
+                metrics["localisation"]["carriers/global"]["precision"],
+                metrics["localisation"]["carriers/global"]["recall"],
                 metrics["dkn"]["amig"]["pair_recall"],
                 time.perf_counter() - start,
             )
@@ -656,10 +696,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
         keys = sorted({k for f in flat for k in f})
         summaries[arch] = {k: summarise([f.get(k, math.nan) for f in flat]) for k in keys}
-    seconds = time.perf_counter() - start
+    # Merged: the parts ran side by side; the wall time is the longest part's, the compute time their sum.
+    seconds = max(part["seconds"] for part in parts) if parts else time.perf_counter() - start
     result = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: ([str(x) for x in v] if k == "merge" and v else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
         "seconds": seconds,
+        "compute_seconds": sum(part["seconds"] for part in parts) if parts else seconds,
         "summary": summaries,
         "runs": runs,
     }
