@@ -438,16 +438,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                               "methods": list(METHODS), "commit": commit()}  # fmt: skip
-    if not args.skip_planted:
-        runs = [planted_run(a, s, args.steps, kn, args.plant) for a in args.archs for s in args.seeds]
-        result["planted"] = {"runs": runs, "summary": summarise_planted(runs)}
-        result["planted_seconds"] = time.perf_counter() - start
-    if not args.skip_real:
+    records = None
+    if not args.skip_real:  # first: a wrong data path fails before the plants are built
         records = (
             file_records(args.records, args.facts, args.queries)
             if args.records
             else mpararel_records(args.mpararel, args.languages, args.relations, args.facts, args.queries)
         )
+    if not args.skip_planted:
+        runs = [planted_run(a, s, args.steps, kn, args.plant) for a in args.archs for s in args.seeds]
+        result["planted"] = {"runs": runs, "summary": summarise_planted(runs)}
+        result["planted_seconds"] = time.perf_counter() - start
+        write_text_atomically(out, json.dumps(result, indent=1, ensure_ascii=False, default=float) + "\n")
+    if records is not None:
         isolate = not args.quick if args.isolate is None else args.isolate
         result["real"] = real_run(args.model, records, args.steps, args.batch, args.threads, kn, isolate)
         result["real"]["isolated"] = isolate
