@@ -21,6 +21,33 @@ COMPOSE_WITH = {
     "gemma/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
     "gemma/edit.yaml": [CONFIGS / "edit" / "gemma3-270m.yaml"],
     "gemma/factcheck.yaml": [CONFIGS / "factcheck" / "gemma3-270m.yaml"],
+    # issue 18: the larger Gemma set and SmolLM2 (SmolLM2 reuses the Gemma base configs with the model swapped)
+    "smollm2/localize.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "smollm2-135m.yaml",
+    ],
+    "smollm2/localize-amig.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "smollm2-135m.yaml",
+        CONFIGS / "smollm2" / "localize.yaml",
+    ],
+    "smollm2/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
+    "smollm2/edit.yaml": [CONFIGS / "edit" / "gemma3-270m.yaml"],
+    "smollm2/factcheck.yaml": [CONFIGS / "factcheck" / "gemma3-270m.yaml"],
+    "gemma-large/localize.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "gemma3-270m.yaml",
+    ],
+    "gemma-large/localize-amig.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "gemma3-270m.yaml",
+        CONFIGS / "gemma-large" / "localize.yaml",
+    ],
+    "gemma-large/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
+    "gemma-large/edit.yaml": [CONFIGS / "edit" / "gemma3-270m.yaml"],
+    "gemma-large/enhance.yaml": [CONFIGS / "edit" / "enhance-gemma3-270m.yaml"],
+    "gemma-large/inject.yaml": [CONFIGS / "edit" / "inject-gemma3-270m.yaml"],
+    "gemma-large/factcheck.yaml": [CONFIGS / "factcheck" / "gemma3-270m.yaml"],
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 # The subcommand each task runs under.

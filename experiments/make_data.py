@@ -1,4 +1,4 @@
-"""Build the multi-relation Gemma 3 270M experiment set from mParaRel, and measure what the model knows.
+"""Build a multi-relation experiment set from mParaRel for a packaged model, and measure what the model knows.
 
 Step 1 (probe): for each candidate relation, up to ``--probe_facts`` facts present in every candidate language
 (knlight's own mParaRel builder, causal prompts), score the first ``--probe_queries`` queries per record: the rank
@@ -27,9 +27,9 @@ import torch
 
 from knlight import load_lm
 from knlight.data.build import build_mpararel
-from knlight.io import write_text_atomically
 from knlight.data.pipeline import BuildOptions
 from knlight.data.records import FactRecord, write_records
+from knlight.io import write_text_atomically
 
 log = logging.getLogger("make_data")
 
@@ -63,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="gemma3-270m", help="packaged model name (knlight.lm.real)")
     parser.add_argument("--root", default="../shared/data/mpararel")
     parser.add_argument("--languages", default=",".join(CANDIDATE_LANGUAGES))
     parser.add_argument("--relations", default=",".join(CANDIDATE_RELATIONS))
@@ -74,7 +75,15 @@ def main() -> None:
     parser.add_argument("--max_relations", type=int, default=4)
     parser.add_argument("--keep_languages", help="override the automatic language choice (comma-separated)")
     parser.add_argument("--keep_relations", help="override the automatic relation choice (comma-separated)")
-    parser.add_argument("--ranks_cache", default="experiments/gemma/data/probe_ranks.json")
+    parser.add_argument(
+        "--min_known_languages",
+        type=int,
+        help="keep a fact known in at least this many kept languages (default: all)",
+    )
+    parser.add_argument(
+        "--unknown_facts", type=int, default=0, help="also write up to N unknown facts per relation"
+    )
+    parser.add_argument("--ranks_cache", help="default: probe_ranks.json beside --output")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -89,16 +98,18 @@ def main() -> None:
     )
     records, manifest = build_mpararel(args.root, options)
     log.info("built %d records", len(records))
-    lm = load_lm("gemma3-270m")
-    lm.model.eval()
     # ranks are cached beside the output, so re-selecting with other options does not re-run the model
-    cache_path = Path(args.ranks_cache)
-    cache: dict[str, list[int]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache_path = Path(args.ranks_cache or Path(args.output).parent / "probe_ranks.json")
+    cache = read_ranks_cache(cache_path, args.model)
     pairs = [(q, r.object) for r in records for q in r.queries[: args.probe_queries]]
     missing = sorted({p for p in pairs if json.dumps(p) not in cache})
-    for pair, ranked in zip(missing, answer_ranks(lm, missing), strict=True):
-        cache[json.dumps(pair)] = list(ranked)
-    write_text_atomically(cache_path, json.dumps(cache))
+    if missing:
+        lm = load_lm(args.model)
+        lm.model.eval()
+        log.info("probing %d queries (%d cached)", len(missing), len(pairs) - len(missing))
+        for pair, ranked in zip(missing, answer_ranks(lm, missing), strict=True):
+            cache[json.dumps(pair)] = list(ranked)
+    write_text_atomically(cache_path, json.dumps({"model": args.model, "ranks": cache}))
     probed: list[tuple[FactRecord, list[tuple[str, int, int]]]] = []
     for r in records:
         probed.append((r, [(q, *cache[json.dumps((q, r.object))]) for q in r.queries[: args.probe_queries]]))
@@ -150,31 +161,76 @@ def main() -> None:
     log.info("relations above chance (best first): %s; kept %s", good_relations, kept_relations)
     log.info("languages above chance: %s; kept %s", auto_languages, kept_languages)
 
+    min_known = args.min_known_languages or len(kept_languages)
     by_fact: dict[str, dict[str, FactRecord]] = defaultdict(dict)
+    seen: dict[str, dict[str, FactRecord]] = defaultdict(dict)  # every kept-language record, known or not
     for r, scored in probed:
         if r.relation not in kept_relations or r.language not in kept_languages:
             continue
+        seen[r.uuid][r.language] = r
         known = [q for q, rank, _ in scored if rank < args.known_rank][: args.queries]
         if known:
             by_fact[r.uuid][r.language] = replace(r, queries=known)
     per_relation: Counter[str] = Counter()
+    per_language: Counter[str] = Counter()
     out: list[FactRecord] = []
     for uuid in sorted(by_fact):
         fact = by_fact[uuid]
         relation = next(iter(fact.values())).relation
-        if len(fact) == len(kept_languages) and per_relation[relation] < args.facts:
+        if len(fact) >= min_known and per_relation[relation] < args.facts:
             per_relation[relation] += 1
-            out.extend(fact[lang] for lang in kept_languages)
-    manifest["gemma_filter"] = {
+            langs = [lang for lang in kept_languages if lang in fact]
+            per_language.update(langs)
+            out.extend(fact[lang] for lang in langs)
+    unknown: list[FactRecord] = []
+    unknown_per_relation: Counter[str] = Counter()
+    for uuid in sorted(seen):
+        fact = seen[uuid]
+        relation = next(iter(fact.values())).relation
+        complete = len(fact) == len(kept_languages)
+        if uuid not in by_fact and complete and unknown_per_relation[relation] < args.unknown_facts:
+            unknown_per_relation[relation] += 1
+            unknown.extend(
+                replace(fact[lang], queries=fact[lang].queries[: args.queries]) for lang in kept_languages
+            )
+    manifest["knowledge_filter"] = {
+        "model": args.model,
         "probe": f"first {args.probe_queries} queries of up to {args.probe_facts} facts per relation",
-        "known": f"answer's first token within gemma3-270m's top {args.known_rank}",
+        "known": f"answer's first token within {args.model}'s top {args.known_rank}",
         "kept_languages": kept_languages,
         "kept_relations": kept_relations,
+        "min_known_languages": min_known,
         "facts_per_relation": dict(per_relation),
+        "facts_per_language": {lang: per_language[lang] for lang in kept_languages},
         "queries_per_record": args.queries,
     }
     write_records(args.output, out, manifest)
     log.info("wrote %d records (%s) to %s", len(out), dict(per_relation), args.output)
+    log.info("known facts per language: %s", dict(per_language))
+    if args.unknown_facts:
+        target = args.output.removesuffix(".jsonl") + ".unknown.jsonl"
+        manifest_unknown = dict(manifest, knowledge_filter=dict(
+            manifest["knowledge_filter"], selection="facts known in none of the kept languages",
+            facts_per_relation=dict(unknown_per_relation),
+        ))  # fmt: skip
+        write_records(target, unknown, manifest_unknown)
+        log.info("wrote %d unknown-fact records (%s) to %s", len(unknown), dict(unknown_per_relation), target)
+        joined = args.output.removesuffix(".jsonl") + ".all.jsonl"  # claims about known and unknown facts
+        write_records(joined, [*out, *unknown], dict(manifest, joined=[args.output, target]))
+
+
+def read_ranks_cache(path: Path, model: str) -> dict[str, list[int]]:
+    """The cached probe ranks of ``model`` (empty when there is no cache); a cache of another model is refused."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "ranks" not in data:  # written before the cache named its model: the Gemma runs of issue 9
+        data = {"model": "gemma3-270m", "ranks": data}
+    if data["model"] != model:
+        raise SystemExit(
+            f"{path}: probe ranks of {data['model']!r}, not {model!r}; pass another --ranks_cache or delete it"
+        )
+    return data["ranks"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 18 on Gemma 3 270M, the larger multilingual set: data + probe, localization (Dai's zero baseline), selection
+# (Dai KN, LIKN over the known languages, uncertainty-aware, carriers, specificity, consistency), experiments 1-2
+# (intervention, cross-lingual), 3 (editing, five neuron rules), 4 (DKN fact-checking on known and unknown facts),
+# 5 (knowledge enhancement), 6 (new-knowledge injection), then the tables. Re-running resumes.
+#   bash experiments/gemma-large/run.sh             # every step
+#   STEPS="select intervene" bash experiments/gemma-large/run.sh
+cd "$(dirname "$0")/../.." && source .venv/bin/activate
+E=experiments/gemma-large R=experiments/gemma-large/results C=configs/gemma-large
+ALL="data localize select intervene enhance edit inject factcheck tables"
+source experiments/lib.sh
+mkdir -p $R
+wants data && timed make_data python experiments/make_data.py --languages en,de,es,fr,it,ru,ja,zh-hans,ar,ko \
+  --probe_facts 40 --min_known_languages 2 --facts 20 --max_relations 5 --unknown_facts 5 \
+  --output $E/data/gemma_large.jsonl
+base=(--config configs/trainer/localize.yaml --config configs/localize/gemma3-270m.yaml --config $C/localize.yaml)
+wants localize && timed localize-zero knlight predict "${base[@]}"
+if wants select; then
+  timed select-zero knlight select --attributions $E/runs/localize-zero/attributions --output $R/neurons.json \
+    --likn.min_languages 2 --uncertainty.enabled true --carriers.enabled true --specificity.enabled true \
+    --consistency.enabled true
+  cp $E/runs/localize-zero/attributions/summary.json $R/localize-zero-summary.json
+fi
+if wants intervene; then
+  timed intervene knlight test --config configs/intervene/gemma3-270m.yaml --config $C/intervene.yaml
+  rm -rf $R/intervention && cp -r "$(latest $E/runs/intervene)/intervention" $R/intervention
+fi
+if wants enhance; then
+  timed enhance knlight validate --config configs/edit/enhance-gemma3-270m.yaml --config $C/enhance.yaml
+  mkdir -p $R/enhance && cp "$(latest $E/runs/enhance)"/editing_*.{json,csv} $R/enhance/
+fi
+if wants edit; then
+  python experiments/edit_requests.py --neurons $R/neurons.json --language en \
+    --rules language:en,language_independent,carriers --count 12 --output $R/edits.jsonl
+  for rule in language_independent language:en carriers random ffn; do
+    name=edit-${rule/:/-}
+    timed $name knlight fit --config configs/edit/gemma3-270m.yaml --config $C/edit.yaml \
+      --model.init_args.neuron_rule $rule --trainer.logger.init_args.name $name
+    mkdir -p $R/editing/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/editing/$name/
+  done
+fi
+if wants inject; then
+  python experiments/relation_neurons.py --neurons $R/neurons.json --records $E/data/gemma_large.unknown.jsonl \
+    --output $R/neurons-unknown.json
+  for rule in language_independent random ffn; do
+    name=inject-${rule}
+    timed $name knlight fit --config configs/edit/inject-gemma3-270m.yaml --config $C/inject.yaml \
+      --model.init_args.neuron_rule $rule --trainer.logger.init_args.name $name
+    mkdir -p $R/injection/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/injection/$name/
+  done
+fi
+if wants factcheck; then
+  timed factcheck knlight test --config configs/factcheck/gemma3-270m.yaml --config $C/factcheck.yaml
+  rm -rf $R/factcheck && cp -r "$(latest $E/runs/factcheck)/factcheck" $R/factcheck
+fi
+wants tables && timed tables python experiments/tables.py $E
+exit 0
