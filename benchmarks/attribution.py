@@ -6,6 +6,14 @@ tokens). Each engine runs in its own subprocess so peak memory (max RSS above th
 
     python benchmarks/attribution.py                       # table + benchmarks/results/attribution.json
     python benchmarks/attribution.py --prompts 1 --models gpt2 --engines fast reference
+    python benchmarks/attribution.py --models gemma --engines fast --out benchmarks/results/attribution_gemma.json
+    python benchmarks/attribution.py --models llama7b --engines fast --device cuda --dtype bfloat16  # GPU
+
+GFLOP/s are analytic FLOPs (benchmarks/cost_model.py, validated there against torch's FLOP counter) over the
+measured time. ``--matmul`` (default for Gemma) also times this machine's dense matmuls at the LM head's and the
+FFN's shapes in the same worker, so the engine's throughput can be read against what the hardware gives at
+those shapes on the same day. ``llama7b`` is a random-weight Llama-2-7B-shaped model built from a config (no
+hub; 13.5 GB in bf16, meant for a GPU: benchmarks/gpu_check.sh).
 
 EleutherAI's ``knowledge-neurons`` (PyPI 0.0.2, install with ``pip install --no-deps knowledge-neurons einops
 tqdm``) attributes GPT-2's *pre-activation* ``c_fc`` output (a definition knlight does not copy), so its GPT-2
@@ -47,40 +55,85 @@ SHAPES = {
     "gpt2": dict(vocab=50_257, layers=12, hidden=768, ff=3072, heads=12),
     # Real Gemma 3 270M weights (extra `gemma`); EleutherAI's package does not support it.
     "gemma": dict(vocab=262_144, layers=18, hidden=640, ff=2048, heads=4),
+    # Random weights, Llama-2-7B's shape (for GPUs: benchmarks/gpu_check.sh).
+    "llama7b": dict(vocab=32_000, layers=32, hidden=4096, ff=11_008, heads=32),
 }
+COST_SHAPE = {"bert": "bert-base-mbert", "gpt2": "gpt2-small", "gemma": "gemma3-270m", "llama7b": "llama2-7b"}
+"""The cost-model shape (benchmarks/cost_model.py) of each benchmark model."""
 STEPS = 20
 
 
-def build(model: str):
+def build(model: str, device: str = "cpu", dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from knlight import LanguageModel
     from knlight.lm.tiny import TOKENIZER_KIND, tiny_config, tiny_tokenizer
 
+    torch_dtype = getattr(torch, dtype)
     if model == "gemma":
         from knlight import load_lm
 
-        return load_lm("gemma3-270m")
+        lm = load_lm("gemma3-270m")
+        lm.model.to(device=device, dtype=torch_dtype)
+        return lm
     shape = SHAPES[model]
-    tokenizer = tiny_tokenizer(TOKENIZER_KIND[model])
+    arch = "llama" if model == "llama7b" else model
+    tokenizer = tiny_tokenizer(TOKENIZER_KIND[arch])
+    extra = dict(num_key_value_heads=shape["heads"], max_position_embeddings=4096) if arch == "llama" else {}
     config = tiny_config(
-        model,
+        arch,
         shape["vocab"],
         hidden=shape["hidden"],
         ff=shape["ff"],
         layers=shape["layers"],
         heads=shape["heads"],
+        **extra,
     )
     config.initializer_range = 0.02
     torch.manual_seed(0)
     auto = AutoModelForMaskedLM if model == "bert" else AutoModelForCausalLM
-    return LanguageModel(auto.from_config(config).eval(), tokenizer)
+    with torch.device(device):  # built in place: a 7B model never exists in fp32 on the host
+        net = auto.from_config(config, dtype=torch_dtype).eval()
+    return LanguageModel(net, tokenizer)
 
 
-def worker(model: str, engine: str, n_prompts: int, out: str, long: bool = False) -> None:
+def matmul_gflops(shapes: list[tuple[int, int, int]], device: str, dtype: torch.dtype) -> list[float]:
+    """This machine's dense ``[M, K] @ [K, N]`` throughput (best of 5) at each shape, in GFLOP/s."""
+    out = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(6):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        out.append(2 * m * k * n / best / 1e9)
+    return out
+
+
+def worker(
+    model: str,
+    engine: str,
+    n_prompts: int,
+    out: str,
+    long: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    chunk_rows: str | None = None,
+    matmul: bool = False,
+) -> None:
     """Time one engine on one model; write timings, memory and scores to ``out`` (torch.save)."""
     torch.manual_seed(0)
-    lm = build(model)
+    lm = build(model, device, dtype)
+    rows = None if chunk_rows is None else (chunk_rows if chunk_rows == "auto" else int(chunk_rows))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scores, times = [], []
     prompts = (LONG_PROMPTS if long else PROMPTS)[:n_prompts]
@@ -100,35 +153,34 @@ def worker(model: str, engine: str, n_prompts: int, out: str, long: bool = False
             from knlight import attribute
 
             quad = "eleuther" if model == "bert" else "riemann_right"
-            s = attribute(lm, query, answer, steps=STEPS, engine=engine, quadrature=quad)
+            s = attribute(lm, query, answer, steps=STEPS, engine=engine, quadrature=quad, chunk_rows=rows)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        scores.append(s.detach().float())
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        scores.append(s.detach().float().cpu())
+    if device.startswith("cuda"):
+        peak_mb = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     seq_lens = [len(lm.encode(q, a).input_ids) for q, a in prompts]
-    torch.save({"times": times, "peak_mb": peak_mb, "scores": scores, "seq_lens": seq_lens}, out)
+    result = {"times": times, "peak_mb": peak_mb, "scores": scores, "seq_lens": seq_lens}
+    if matmul:
+        # The head's and the FFN's matmuls at the row counts the fast engine runs them with (one query).
+        sh = SHAPES[model]
+        d, f, v, rows_ = sh["hidden"], sh["ff"], sh["vocab"], STEPS * sh["layers"]
+        shapes = {"head": (rows_, d, v), "ffn_up": (rows_, d, f), "ffn_down": (rows_, f, d)}
+        gflops = matmul_gflops(list(shapes.values()), device, getattr(torch, dtype))
+        result["matmul"] = {name: dict(shape=s, gflops=g) for (name, s), g in zip(shapes.items(), gflops)}
+    torch.save(result, out)
 
 
 def flops(model: str, engine: str, seq_len: int) -> float:
-    """Analytic FLOPs per prompt (multiply-add = 2 FLOPs; attention included; one answer token)."""
-    sh = SHAPES[model]
-    L, d, f, V, m, S = sh["layers"], sh["hidden"], sh["ff"], sh["vocab"], STEPS, seq_len
-    # Gemma: gated MLP (3 matrices), grouped-query attention with head_dim 256 (q/o 4 heads, k/v 1 head).
-    mlp = 3 * d * f if model == "gemma" else 2 * d * f
-    attn = 2 * d * 4 * 256 + 2 * d * 256 if model == "gemma" else 4 * d * d
-    per_token_layer = 2 * (attn + mlp) + 4 * S * d
-    head = 2 * d * V + (2 * d * d if model == "bert" else 0)
-    total = 0.0
-    for layer in range(L):
-        above = L - layer
-        if engine == "fast":
-            tokens = S if model == "bert" else 1  # causal rows are single tokens against the clean KV cache
-            fwd = m * (tokens * above * per_token_layer + head)
-            total += fwd * 2  # backward w.r.t. activations only ≈ 1× forward
-        else:
-            fwd = m * (S * L * per_token_layer + S * head)  # every layer, full logits at every position
-            bwd_factor = 2 if engine == "eleuther" else 1  # EleutherAI also computes weight gradients
-            total += fwd + bwd_factor * m * (S * above * per_token_layer + S * head)
-    return total
+    """Analytic FLOPs per prompt of an engine (benchmarks/cost_model.py; multiply-add = 2 FLOPs)."""
+    from cost_model import SHAPES as COST_SHAPES
+    from cost_model import method_flops
+
+    method = {"fast": "ig", "reference": "reference", "eleuther": "eleuther"}[engine]
+    return method_flops(method, COST_SHAPES[COST_SHAPE[model]], seq_len, STEPS)
 
 
 def main() -> None:
@@ -141,11 +193,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     parser.add_argument("--out", default="benchmarks/results/attribution.json")
     parser.add_argument("--long", action="store_true", help="use the long prompts (~20-35 tokens)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--chunk-rows", default=None, help="the fast engine's chunk_rows (a number or auto)")
+    parser.add_argument(
+        "--matmul",
+        action="store_true",
+        help="also time dense matmuls at the head/FFN shapes (default: Gemma)",
+    )
     parser.add_argument("--worker", nargs=4, metavar=("MODEL", "ENGINE", "N", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         model, engine, n, out = args.worker
-        worker(model, engine, int(n), out, args.long)
+        worker(
+            model, engine, int(n), out, args.long, args.device, args.dtype, args.chunk_rows,
+            args.matmul or (model in ("gemma", "llama7b") and engine == "fast"),
+        )  # fmt: skip
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +229,10 @@ def main() -> None:
                 out = os.path.join(tmp, f"{model}-{engine}.pt")
                 cmd = [sys.executable, __file__, "--worker", model, engine, str(args.prompts), out]
                 cmd += ["--long"] if args.long else []
+                cmd += ["--device", args.device, "--dtype", args.dtype] + (
+                    ["--matmul"] if args.matmul else []
+                )
+                cmd += ["--chunk-rows", args.chunk_rows] if args.chunk_rows else []
                 env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
                 subprocess.run(cmd, check=True, env=env)
                 results[engine] = torch.load(out)
@@ -194,8 +261,17 @@ def main() -> None:
                         gflops_achieved=gflop / t,
                         seq_len=res["seq_lens"],
                         prompts=len(res["times"]),
+                        queries_per_s=1 / t,
                     )
                 )
+                if "matmul" in res:
+                    # The engine's GFLOP/s against the same machine's dense matmuls at its shapes, same run.
+                    mm = res["matmul"]
+                    rows[-1]["matmul_gflops"] = {k: v["gflops"] for k, v in mm.items()}
+                    rows[-1]["matmul_shapes"] = {k: v["shape"] for k, v in mm.items()}
+                    rows[-1]["share_of_matmul"] = {k: (gflop / t) / v["gflops"] for k, v in mm.items()}
+                    # The FLOP floor: the engine's FLOPs at the best of those matmul rates.
+                    rows[-1]["floor_s_per_prompt"] = gflop / max(v["gflops"] for v in mm.values())
     header = (
         f"{'model':6} {'engine':10} {'s/prompt':>9} {'peak MB':>8} {'vs Eleuther':>11} {'vs ref':>7} "
         f"{'max rel diff':>13} {'GFLOP/prompt':>13} {'GFLOP/s':>8}"
@@ -211,20 +287,30 @@ def main() -> None:
             f"{diff:>13} "
             f"{r['gflop_per_prompt']:13.1f} {r['gflops_achieved']:8.1f}"
         )
+        if "matmul_gflops" in r:
+            parts = ", ".join(
+                f"{k} {tuple(r['matmul_shapes'][k])} {g:.1f} GFLOP/s ({100 * r['share_of_matmul'][k]:.0f}%)"
+                for k, g in r["matmul_gflops"].items()
+            )
+            print(
+                f"       dense matmul same run: {parts}; {r['queries_per_s']:.3f} queries/s; FLOP floor "
+                f"{r['floor_s_per_prompt']:.2f} s/prompt"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         prompts="long" if args.long else "short",
         steps=STEPS,
-        dtype="float32",
-        device="cpu",
+        dtype=args.dtype,
+        device=args.device,
+        chunk_rows=args.chunk_rows,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         note="speed-up = EleutherAI time / engine time on the same prompts; diff = max|x-fast|/max|fast|",
     )
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    os.replace(tmp_out, args.out)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from knlight.io import write_text_atomically
+
+    write_text_atomically(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ The fast engine's peak memory is what its sweep keeps for the backward pass, and
   ``d_ff``-wide activations (one token for causal LMs, the whole sequence for masked LMs);
 * each causal *unit* (the m rows of one problem) keeps its copy of the clean keys/values and its mask rows;
 * the LM head keeps ``[head_rows, vocab]`` logits, softmax and their gradients (fp32) for one sub-chunk;
-* the clean pass keeps, for every layer, the block inputs and (causal) keys/values of the batch.
+* the clean pass keeps, for every layer, the block inputs and (causal) keys/values of the batch (and needs every
+  layer's activations while it runs, before the sweep).
 
 Problems are sorted by layer, so the planner walks them in that order and closes a chunk when the next problem
 would cross the budget (a row entering at layer l costs L - l blocks). The per-activation counts below are
@@ -30,10 +31,12 @@ SAFETY = 0.8
 CAUSAL_D, CAUSAL_F = 8.0, 5.0
 """Saved activations per causal row and block, in ``d_model``- and ``d_ff``-wide vectors (measured: GPT-2
 5.5 and 4.0, Llama 4 and 3)."""
-MASKED_D, MASKED_F = 6.0, 1.5
+GATED_D, GATED_F = 6.0, 3.5
+"""The same for causal rows of gated (SwiGLU/GeGLU) FFNs (measured on Llama: 4 and 3)."""
+MASKED_D, MASKED_F = 6.0, 1.0
 """The same per token of a masked row (measured on BERT: 6 and 1)."""
-HEAD_V = 3
-"""fp32 ``vocab``-wide vectors per head row beyond the logits themselves (log-softmax and gradients)."""
+HEAD_V = 2
+"""fp32 ``vocab``-wide vectors per head row beyond the logits themselves (log-softmax, its gradient; measured)."""
 DEFAULT_HEAD_BYTES = 256 << 20
 """Head sub-chunk size when no budget is given: the logits of one sub-chunk stay within ~256 MB."""
 
@@ -51,6 +54,7 @@ class ModelShape:
         vocab: Rows of the LM head.
         element_bytes: Bytes per parameter/activation element (4 fp32, 2 bf16/fp16).
         masked: Masked LM (rows are whole sequences) or causal (rows are single tokens).
+        gated: The FFN is gated (a ``gate_proj``: Llama, Qwen, Gemma).
     """
 
     layers: int
@@ -61,6 +65,7 @@ class ModelShape:
     vocab: int
     element_bytes: int
     masked: bool
+    gated: bool = False
 
     @classmethod
     def of(cls, lm: Any) -> ModelShape:
@@ -82,14 +87,26 @@ class ModelShape:
             vocab=vocab,
             element_bytes=torch.empty(0, dtype=dtype).element_size(),
             masked=bool(lm.masked),
+            gated=any("gate" in name for name, _ in lm.sites.blocks[0].named_modules()),
         )
 
     def row_block_bytes(self, seq_len: int) -> int:
         """Bytes one row keeps per block it traverses (one token, or ``seq_len`` tokens for masked LMs)."""
-        if not self.masked:
-            return int((CAUSAL_D * self.d_model + CAUSAL_F * self.d_ff) * self.element_bytes)
-        per_token = (MASKED_D * self.d_model + MASKED_F * self.d_ff) * self.element_bytes
-        attention = self.heads * seq_len * seq_len * 4  # eager attention keeps its probabilities
+        return self.sequence_block_bytes(1) if not self.masked else self.sequence_block_bytes(seq_len)
+
+    def sequence_block_bytes(self, seq_len: int) -> int:
+        """Bytes a whole sequence of ``seq_len`` tokens keeps per block (an ordinary forward with gradients)."""
+        d, f = (
+            (MASKED_D, MASKED_F)
+            if self.masked
+            else (GATED_D, GATED_F)
+            if self.gated
+            else (CAUSAL_D, CAUSAL_F)
+        )
+        per_token = (d * self.d_model + f * self.d_ff) * self.element_bytes
+        attention = (
+            self.heads * seq_len * seq_len * 4 if seq_len > 1 else 0
+        )  # eager attention's probabilities
         return int(seq_len * per_token + attention)
 
     def unit_block_bytes(self, seq_len: int, group: int) -> int:
@@ -106,11 +123,14 @@ class ModelShape:
         return HEAD_V * self.vocab * 4 + self.vocab * self.element_bytes
 
     def clean_bytes(self, batch: int, seq_len: int) -> int:
-        """Bytes the clean pass keeps: per layer the block inputs, the activations and (causal) keys/values."""
-        per_token_layer = self.d_model + self.d_ff + (0 if self.masked else 2 * self.d_kv)
+        """Bytes the clean pass keeps for the sweep: per layer the block inputs and (causal) keys/values."""
+        per_token_layer = self.d_model + (0 if self.masked else 2 * self.d_kv)
+        return batch * seq_len * self.layers * per_token_layer * self.element_bytes
+
+    def clean_pass_bytes(self, batch: int, seq_len: int) -> int:
+        """Bytes the clean pass itself needs on top (every layer's activations, one block's temporaries)."""
         tokens = batch * seq_len
-        forward = tokens * (4 * self.d_model + 2 * self.d_ff) * self.element_bytes  # one block's temporaries
-        return tokens * self.layers * per_token_layer * self.element_bytes + forward
+        return tokens * (self.layers * self.d_ff + 4 * self.d_model + 2 * self.d_ff) * self.element_bytes
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -182,7 +202,8 @@ def plan_sweep(
         ConfigError: When the budget cannot hold the clean state, one head row and one problem.
     """
     m = rows_per_problem
-    usable = int(SAFETY * budget) - shape.clean_bytes(batch, seq_len)
+    clean = shape.clean_bytes(batch, seq_len)
+    usable = int(SAFETY * budget) - clean
     head_rows = max(1, min(default_head_rows(shape), (usable // 4) // shape.head_row_bytes()))
     head = head_rows * shape.head_row_bytes()
     units = 1 if grouped else m
@@ -204,15 +225,16 @@ def plan_sweep(
         chunks.append((start, len(sorted_layers)))
         peak = max(peak, used)
     need = (shape.layers - min(sorted_layers, default=0)) * per_block + per_problem_extra + head
+    need = max(need, shape.clean_pass_bytes(batch, seq_len))
     if need > usable:
-        gib = (need + shape.clean_bytes(batch, seq_len)) / SAFETY / (1 << 30)
+        gib = (need + clean) / SAFETY / (1 << 30)
         raise ConfigError(
             f"ig.max_memory_gb={budget / (1 << 30):.3g}: one IG problem of this model ({shape.layers} layers, "
             f"d_ff {shape.d_ff}, vocab {shape.vocab}, {m} rows, {seq_len} tokens) needs about {gib:.3g} GiB; "
             "raise ig.max_memory_gb, lower ig.steps, or attribute fewer queries per batch"
         )
-    clean = shape.clean_bytes(batch, seq_len)
-    return SweepPlan(chunks=chunks, head_rows=head_rows, planned_bytes=clean + peak + head)
+    planned = clean + max(peak + head, shape.clean_pass_bytes(batch, seq_len))
+    return SweepPlan(chunks=chunks, head_rows=head_rows, planned_bytes=planned)
 
 
 def fixed_chunks(n_problems: int, rows_per_problem: int, chunk_rows: int) -> list[tuple[int, int]]:
