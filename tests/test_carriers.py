@@ -8,6 +8,9 @@ that sum, then ``ln_f`` and the tied head.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,19 @@ from knlight.neurons.direct_effect import (
     direct_effects_of,
     linear_direct_effects,
 )
+from knlight.neurons.neuron_file import NeuronFile, read_neuron_file, write_neuron_file
+from knlight.selection import (
+    DknOptions,
+    KnOptions,
+    LiknOptions,
+    QueryAttribution,
+    SelectionError,
+    UncertaintyOptions,
+    read_attributions,
+    select_fact,
+)
+from knlight.selection.options import CarrierOptions
+from knlight.selection.run import select_run
 
 ITEMS = [("The capital of France is [Y].", "Paris"), ("Marie Curie was a [Y].", "physicist and chemist")]
 
@@ -151,3 +167,67 @@ def test_unknown_architecture_is_a_clear_error() -> None:
     lm.model.config.model_type = "mystery"
     with pytest.raises(DirectEffectError, match="ATTENTION_OUTPUTS"):
         direct_effects(lm, [lm.encode(*ITEMS[0])], [(0, 1)])
+
+
+def _item(
+    uuid: str, language: str, query_id: int, query: str, answer: str, neurons: list
+) -> QueryAttribution:
+    return QueryAttribution(uuid, language, "P36", query_id, query, answer, 0.5, neurons, rank=1)
+
+
+def test_carriers_selection_keeps_the_candidates_that_write_the_answer(tmp_path: Path) -> None:
+    """``select_fact`` with carriers: the candidates (knowledge neurons + top-k by attribution) get their mean
+    direct effect; carriers are those >= threshold · the largest and >= min_effect; the other knowledge neurons
+    are upstream; the fact's sets are the unions; the neuron file round-trips them."""
+    lm = load_lm("tiny:gpt2")
+    scores = [[0, 3, 1.0], [1, 17, 0.9], [2, 40, 0.8], [2, 5, 0.7], [0, 63, 0.6], [1, 2, 0.5]]
+    per_language = {
+        "en": [_item("F", "en", q, query, answer, scores) for q, (query, answer) in enumerate(ITEMS)],
+        "de": [_item("F", "de", 0, "Die Hauptstadt von Frankreich ist [Y].", "Paris", scores[:4])],
+    }
+    options = CarrierOptions(enabled=True, top_k=4, threshold=0.3, min_effect=0.0)
+    fact = select_fact(per_language, (lm.num_layers, lm.d_ff), ["de", "en"], {}, KnOptions(p=0.7, adaptive=False),
+                       LiknOptions(), UncertaintyOptions(), DknOptions(), None, lm, carriers=options)  # fmt: skip
+    assert fact.carriers is not None
+    for language, items in per_language.items():
+        encoded = [lm.encode(i.query, i.answer) for i in items]
+        candidates = list(dict.fromkeys([*fact.languages[language], *[(a, b) for a, b, _ in scores[:4]]]))
+        direct = direct_effects(lm, encoded, candidates).mean(0)
+        bar = max(0.3 * float(direct.max()), 0.0)
+        expected = sorted((n for n, d in zip(candidates, direct) if float(d) >= bar),
+                          key=lambda n: -float(direct[candidates.index(n)]))  # fmt: skip
+        assert fact.carriers[language] == expected
+        assert 0 < len(expected) < len(candidates)  # the rule separates something here
+        assert fact.upstream[language] == [n for n in fact.languages[language] if n not in expected]
+        got = {(a, b): d for a, b, _, d in fact.effects[language]}
+        assert set(got) == set(candidates)
+        for n, d in zip(candidates, direct):
+            assert got[n] == pytest.approx(float(d), abs=1e-6)
+    union = {n for ns in fact.carriers.values() for n in ns}
+    assert set(fact.carriers_fact) == union
+    assert not set(fact.upstream_fact) & union
+    # The neuron file keeps the sets per language and for the fact.
+    path = write_neuron_file(
+        tmp_path / "n.json", NeuronFile("tiny:gpt2", lm.num_layers, lm.d_ff, {}, {"F": fact})
+    )
+    again = read_neuron_file(path, lm.num_layers, lm.d_ff).facts["F"]
+    assert again.neurons("carriers", "en") == fact.carriers["en"]
+    assert again.neurons("carriers") == fact.carriers_fact
+    assert again.neurons("upstream", "de") == fact.upstream["de"]
+    assert [row[:2] for row in again.effects["en"]] == [row[:2] for row in fact.effects["en"]]
+    assert [row[3] for row in again.effects["en"]] == pytest.approx(
+        [row[3] for row in fact.effects["en"]], abs=1e-5
+    )
+
+
+def test_carriers_need_the_model(tmp_path: Path) -> None:
+    root = tmp_path / "attr"
+    root.mkdir()
+    line = {"uuid": "F", "language": "en", "relation": "P36", "query_id": 0, "query": "q [Y]", "answer": "Paris",
+            "prob": 0.5, "rank": 1, "neurons": [[0, 1, 1.0]]}  # fmt: skip
+    (root / "attributions.jsonl").write_text(json.dumps(line) + "\n", "utf-8")
+
+    with pytest.raises(SelectionError, match=r"carriers\.enabled needs the model"):
+        select_run(
+            read_attributions(root), None, "tiny:gpt2", None, 3, 64, carriers=CarrierOptions(enabled=True)
+        )

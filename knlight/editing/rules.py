@@ -1,7 +1,8 @@
 """Which neurons of a fact an edit touches: a neuron rule applied to the fact's sets in a neuron file.
 
 Rules: ``language_independent``, ``language:<code>`` (that language's set), ``uncertainty``, ``degenerate``
-(every DKN member), ``random`` (as many per layer as the language-independent set, at other indices, seeded per
+(every DKN member), ``carriers`` (the fact's neurons that write the answer; ``knlight select
+--carriers.enabled true``), ``random`` (as many per layer as the language-independent set, at other indices, seeded per
 fact) and ``ffn`` (every neuron of the language-independent set's layers, or of given layers). Pure Python.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 from knlight.neurons.neuron import Neuron
 from knlight.neurons.neuron_file import read_neuron_file
 
-SET_RULES = ("language_independent", "uncertainty", "degenerate")
+SET_RULES = ("language_independent", "uncertainty", "degenerate", "carriers")
 """Rules that take one named set of the fact's entry as it is."""
 
 
@@ -25,7 +26,7 @@ def read_fact_neurons(path: str | Path, num_layers: int, d_ff: int) -> dict[str,
 
     Returns:
         ``{uuid: {"languages": {lang: [(l, i), ...]}, "language_independent": [...], "uncertainty": [...],
-        "degenerate": [...]}}`` (every DKN member once under ``degenerate``).
+        "degenerate": [...], "carriers": [...]}}`` (every DKN member once under ``degenerate``).
 
     Raises:
         ValueError: Missing or malformed file, a neuron outside the model, a model of another shape.
@@ -37,6 +38,7 @@ def read_fact_neurons(path: str | Path, num_layers: int, d_ff: int) -> dict[str,
             "language_independent": list(fact.language_independent),
             "uncertainty": list(fact.uncertainty),
             "degenerate": fact.degenerate(),
+            "carriers": list(fact.carriers_fact),  # the fact's carriers (knlight select --carriers.enabled)
         }
         for uuid, fact in facts.items()
     }
@@ -54,7 +56,7 @@ def parse_rule(rule: str) -> tuple[str, str | None]:
         return "language", rule.split(":", 1)[1]
     raise ValueError(
         f"neuron_rule={rule!r}: choose language_independent, language:<code> (e.g. language:en), "
-        "uncertainty, degenerate, random (same count and layers as the language-independent set) or ffn "
+        "uncertainty, degenerate, carriers, random (same count and layers as the language-independent set) or ffn "
         "(every neuron of those layers)"
     )
 

@@ -153,8 +153,8 @@ def plan_item(
     factors = {"suppress": 0.0, "enhance": options.enhance_factor, "erase": 0.0}
     for m, (file, kind_name) in enumerate(methods.values()):
         fact = file.facts.get(uuid)
-        if fact is None:
-            continue
+        if fact is None or not fact.is_known(language):
+            continue  # the knowledge filter recorded that the model does not know the fact in this language
         own = fact.neurons(kind_name, language)
         if kind_name == "language":
             union = list(dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang]))

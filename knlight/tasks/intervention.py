@@ -69,11 +69,15 @@ class NeuronSource:
     Attributes:
         neurons: The neuron file (written by ``knlight select``).
         kind: ``language`` (each language's own neurons; default), ``language_independent`` (LIKN),
-            ``uncertainty`` (uncertainty-aware aggregation) or ``degenerate`` (every DKN member).
+            ``uncertainty`` (uncertainty-aware aggregation), ``degenerate`` (every DKN member), ``carriers``
+            (the language's carriers: neurons that write the answer) or ``upstream`` (its knowledge neurons that
+            do not). A (fact, language) the neuron file records as not known to the model gets no rows.
     """
 
     neurons: str
-    kind: Literal["language", "language_independent", "uncertainty", "degenerate"] = "language"
+    kind: Literal["language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream"] = (
+        "language"
+    )
 
 
 class InterventionModule(BaseTask):
