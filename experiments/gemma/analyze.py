@@ -40,14 +40,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def probe_section(out: list[str]) -> None:
-    path = HERE / "data" / "gemma_multi.jsonl.probe.json"
+def probe_section(
+    out: list[str], path: Path | None = None, title: str = "Gemma 3 270M", facts: int = 40
+) -> None:
+    path = path or HERE / "data" / "gemma_multi.jsonl.probe.json"
     if not path.exists():
         return
     table = json.loads(path.read_text())
     languages = sorted({lang for row in table.values() for lang in row})
     out += [
-        "## Probe: what Gemma 3 270M knows (first answer token, up to 4 queries × 40 facts per cell)\n",
+        f"## Probe: what {title} knows (first answer token, up to 4 queries × {facts} facts per cell)\n",
         "top-1 / top-10 accuracy, and in brackets the majority baseline (always answer the cell's most frequent "
         "first answer token). **Bold** = top-1 above the majority baseline.\n",
         "| relation | " + " | ".join(languages) + " |",
@@ -207,10 +209,15 @@ def intervention_section(out: list[str], directory: Path) -> None:
             cells = []
             for op in operations:
                 r = by.get((method, "selected", op, group_by, group))
+                median = (
+                    f" [median {fmt(r['dp_related_median'])} / {fmt(r['dp_unrelated_median'])}]"
+                    if r is not None and r.get("dp_related_median") not in (None, "")
+                    else ""
+                )
                 cells.append(
                     "–"
                     if r is None
-                    else f"{fmt(r['dp_related'])} / {fmt(r['dp_unrelated'])} ({fmt(r['sr'], False)})"
+                    else f"{fmt(r['dp_related'])} / {fmt(r['dp_unrelated'])} ({fmt(r['sr'], False)}){median}"
                 )
             randoms = [by.get((method, "random", op, group_by, group)) for op in operations]
             random_cell = " / ".join("–" if r is None else fmt(r["dp_related"]) for r in randoms)
@@ -240,14 +247,18 @@ def intervention_section(out: list[str], directory: Path) -> None:
         out.append("")
 
 
-def editing_section(out: list[str], directory: Path) -> None:
-    order = ["edit-language_independent", "edit-language-en", "edit-random", "edit-ffn"]
+def editing_section(out: list[str], directory: Path, title: str | None = None) -> None:
+    order = [
+        "edit-language_independent", "edit-language-en", "edit-carriers", "edit-uncertainty", "edit-random",
+        "edit-ffn", "inject-language_independent", "inject-random", "inject-ffn",
+    ]  # fmt: skip
     runs = sorted(directory.glob("*/editing_test.json")) or sorted(directory.glob("*/editing_val.json"))
     runs.sort(key=lambda path: order.index(path.parent.name) if path.parent.name in order else len(order))
     if not runs:
         return
     out += [
-        "## Editing (12 facts, edit language en, new object = a wrong object of the same relation)\n",
+        title
+        or "## Editing (12 facts, edit language en, new object = a wrong object of the same relation)\n",
         "Cells: top-1 rate of the new object's first token / share where log P(new) > log P(old). "
         "Locality: share of held-out queries whose top-1 is unchanged / mean KL(edited ‖ unedited). "
         "`unedited` = before any edit; `direct` = Dai et al.'s training-free W_out edit of the same neurons.\n",
@@ -284,8 +295,9 @@ def editing_section(out: list[str], directory: Path) -> None:
                 else f"{fmt(values.get((method, 'locality', 'top1', 'all')), False)} / "
                 f"{fmt(values.get((method, 'locality', 'kl', 'all')), False)}"
             )
+            rule = path.parent.name.removeprefix("edit-").removeprefix("inject-")
             out.append(
-                f"| {path.parent.name.removeprefix('edit-')} | {size} | {method} | {cell('reliability', 'all')} | "
+                f"| {rule} | {size} | {method} | {cell('reliability', 'all')} | "
                 f"{cell('generality_lang', 'all')} | "
                 + " | ".join(cell("generality_cross", lang) for lang in languages)
                 + f" | {locality} |"
