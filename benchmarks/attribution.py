@@ -57,8 +57,16 @@ SHAPES = {
     "gemma": dict(vocab=262_144, layers=18, hidden=640, ff=2048, heads=4),
     # Random weights, Llama-2-7B's shape (for GPUs: benchmarks/gpu_check.sh).
     "llama7b": dict(vocab=32_000, layers=32, hidden=4096, ff=11_008, heads=32),
+    # The same code path at a CPU-sized shape (a dry run of benchmarks/gpu_check.sh).
+    "llamasmall": dict(vocab=32_000, layers=4, hidden=256, ff=688, heads=4),
 }
-COST_SHAPE = {"bert": "bert-base-mbert", "gpt2": "gpt2-small", "gemma": "gemma3-270m", "llama7b": "llama2-7b"}
+COST_SHAPE = {
+    "bert": "bert-base-mbert",
+    "gpt2": "gpt2-small",
+    "gemma": "gemma3-270m",
+    "llama7b": "llama2-7b",
+    "llamasmall": "llama-small",
+}
 """The cost-model shape (benchmarks/cost_model.py) of each benchmark model."""
 STEPS = 20
 
@@ -77,7 +85,7 @@ def build(model: str, device: str = "cpu", dtype: str = "float32"):
         lm.model.to(device=device, dtype=torch_dtype)
         return lm
     shape = SHAPES[model]
-    arch = "llama" if model == "llama7b" else model
+    arch = "llama" if model.startswith("llama") else model
     tokenizer = tiny_tokenizer(TOKENIZER_KIND[arch])
     extra = dict(num_key_value_heads=shape["heads"], max_position_embeddings=4096) if arch == "llama" else {}
     config = tiny_config(
@@ -207,7 +215,7 @@ def main() -> None:
         model, engine, n, out = args.worker
         worker(
             model, engine, int(n), out, args.long, args.device, args.dtype, args.chunk_rows,
-            args.matmul or (model in ("gemma", "llama7b") and engine == "fast"),
+            args.matmul or (model in ("gemma", "llama7b", "llamasmall") and engine == "fast"),
         )  # fmt: skip
         return
     rows = []

@@ -86,6 +86,7 @@ SHAPES = {
     "gpt2-mini": Shape(6, 384, 1536, 50257, 6, 6, 64),
     "llama-mini": Shape(6, 384, 1536, 32000, 6, 2, 64, gated=True),
     "bert-mini": Shape(6, 384, 1536, 30000, 6, 6, 64, masked=True),
+    "llama-small": Shape(4, 256, 688, 32000, 4, 4, 64, gated=True),
     # Projected (published configs).
     "llama2-7b": Shape(32, 4096, 11008, 32000, 32, 32, 128, gated=True, params_b=6.74),
     "llama3-8b": Shape(32, 4096, 14336, 128256, 32, 8, 128, gated=True, params_b=8.03),
