@@ -34,6 +34,7 @@ from knlight.selection import (
     UncertaintyOptions,
     run_selection,
 )
+from knlight.selection.options import KnownOptions
 
 # -- a hand-made model whose neurons' effects are known ------------------------------------------------------
 
@@ -411,7 +412,7 @@ def test_committed_tiny_neuron_files_are_reproduced(
         options = {"uncertainty": UncertaintyOptions(enabled=True)} if name == "dai" else {}
         run_selection(
             f"runs/tiny-neurons/{name}", str(tmp_path / f"{name}.json"), likn=LiknOptions(min_languages=2),
-            dkn=DknOptions(enabled=True), **options,
+            dkn=DknOptions(enabled=True), known=KnownOptions(enabled=False), **options,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
