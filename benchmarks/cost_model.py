@@ -102,8 +102,10 @@ def method_flops(method: str, sh: Shape, seq_len: int, steps: int) -> float:
     if method in ("ig", "steps1_zero"):
         rows = m if method == "ig" else 1
         total = clean
-        # The sweep, then the engine's self-check: one row per layer at α = 1 (its log P must be the model's).
-        for n_rows, group in ((rows, rows), (1, 1)):
+        # The sweep; steps1_zero's only node is α = 0, so the engine's self-check (a row at α = 1 must give the
+        # model's log P) adds one row per layer. Quadratures with an α = 1 node check inside the sweep.
+        passes = [(rows, rows)] + ([(1, 1)] if method == "steps1_zero" else [])
+        for n_rows, group in passes:
             tokens, context = (S, S) if sh.masked else (1, S + group)
             for layer in range(L):
                 above = L - layer
@@ -304,32 +306,37 @@ def validate() -> list[dict]:
 
 # -- projection -----------------------------------------------------------------------------------------------
 
-GPU = dict(name="one A100-80GB-class GPU", peak_tflops_bf16=312.0, memory_gb=80.0)
+GPU = dict(name="one A100-80GB-class GPU", peak_tflops_bf16=312.0, memory_gb=80.0, bandwidth_tb_s=2.0)
 UTILISATION = 0.4
 """Assumed share of the peak every method reaches (the same for all; a stated assumption, not a measurement)."""
-PROJECT = ["llama2-7b", "llama3-8b", "qwen2.5-7b", "llama3-70b"]
+PROJECT = [("llama2-7b", 2.0), ("llama3-8b", 2.0), ("qwen2.5-7b", 2.0), ("llama3-70b", 0.5)]
+"""Models and bytes per weight: bf16, and 4-bit weights for the 70B model (141 GB in bf16 fits no single GPU;
+4-bit loading, e.g. bitsandbytes NF4, is not tested with knlight: this row is a projection only)."""
+WEIGHT_PASSES = dict(ig=3, steps1_zero=3, joint_ig=3, grad_x_act=2, eleuther=3, easyedit=3)
+"""Reads of all weights per query (per layer for the peers: each layer runs its own forward and backward)."""
 
 
 def project(seq_lens: tuple[int, ...] = (30, 300), steps: int = 20) -> list[dict]:
     rows = []
     rate = GPU["peak_tflops_bf16"] * 1e12 * UTILISATION
-    for name in PROJECT:
+    for name, weight_bytes in PROJECT:
         sh = SHAPES[name]
-        weights = sh.weights() * 2  # bf16
+        weights = sh.weights() * weight_bytes
         for seq_len in seq_lens:
             for method in ("ig", "grad_x_act", "steps1_zero", "joint_ig", "eleuther", "easyedit"):
                 flop = method_flops(method, sh, seq_len, steps)
-                work = method_peak_bytes(method, sh, seq_len, steps, element=2)
-                if method in ("eleuther", "easyedit"):
-                    work += weights  # parameters keep requires_grad: their .grad buffers once backward runs
+                work = method_peak_bytes(method, sh, seq_len, steps, element=2)  # bf16 activations
+                passes = WEIGHT_PASSES[method] * (sh.layers if method in ("eleuther", "easyedit") else 1)
+                seconds = max(flop / rate, passes * weights / (GPU["bandwidth_tb_s"] * 1e12))
                 total_gb = (weights + work) / 1e9
                 rows.append(
                     dict(
                         model=name,
+                        weight_bits=int(8 * weight_bytes),
                         seq_len=seq_len,
                         method=method,
                         tflop_per_query=flop / 1e12,
-                        s_per_query=flop / rate,
+                        s_per_query=seconds,
                         peak_gb=total_gb,
                         fits=total_gb <= GPU["memory_gb"],
                     )
@@ -353,15 +360,18 @@ def main() -> None:
         out["validation"] = validate()
     if args.project:
         out["projection"] = dict(
-            label="PROJECTION, not a measurement: FLOPs / (peak x assumed utilisation); memory = bf16 weights + "
-            "modelled working set (one query, one chunk of m rows)",
+            label="PROJECTION, not a measurement: max(FLOPs / (peak x assumed utilisation), weight reads / "
+            "bandwidth); memory = weights (bf16; 4-bit for 70B) + the modelled bf16 working set of one query at the "
+            "method's default batching (EleutherAI/EasyEdit: batch_size = steps; autograd.grad w.r.t. the "
+            "activations, so no parameter .grad buffers)",
             gpu=GPU,
             utilisation=UTILISATION,
             rows=project(),
         )
         for r in out["projection"]["rows"]:
             print(
-                f"{r['model']:11} S={r['seq_len']:3} {r['method']:12} {r['tflop_per_query']:9.2f} TFLOP "
+                f"{r['model']:11} w{r['weight_bits']:<2} S={r['seq_len']:3} {r['method']:12} "
+                f"{r['tflop_per_query']:9.2f} TFLOP "
                 f"{r['s_per_query']:9.3f} s/query  {r['peak_gb']:7.1f} GB {'fits' if r['fits'] else 'OOM'}"
             )
     from knlight.io import write_text_atomically

@@ -148,10 +148,15 @@ class FastEngine:
         grad_sum = torch.zeros(len(problems), problems.base.shape[1])
         f0 = torch.full((len(problems),), float("nan"))
         order = torch.argsort(problems.layer, stable=True)
-        self._check_sweep(problems)
+        # The α = 1 node (when the quadrature has one) checks every problem at no extra cost; else a small sweep.
+        at_one = (nodes == 1).nonzero().flatten().tolist()
+        if not at_one:
+            self._check_sweep(problems)
         for lo, hi in self._chunks(problems.layer[order].tolist(), m):
             chunk = order[lo:hi]
-            g, f = self._sweep(problems, chunk, nodes, node_w, objective)
+            g, f, log_p = self._sweep(problems, chunk, nodes, node_w, objective)
+            if at_one:
+                self._check_clean(problems, chunk, log_p[:, at_one[0]])
             grad_sum[chunk] = g
             if need_f0:
                 f0[chunk] = f[:, -1]
@@ -171,7 +176,8 @@ class FastEngine:
 
     def _check_sweep(self, problems: Problems) -> None:
         """Guard against a silently wrong sweep: at α = 1 a row *is* the clean model, so its log-probability
-        must equal the clean pass's. Checked on the first problem of every layer (a handful of rows).
+        must equal the clean pass's. Quadratures with an α = 1 node check every problem inside the sweep; for the
+        others this runs the first problem of every layer at α = 1 (a handful of rows).
 
         Raises:
             UpstreamError: When they differ (e.g. a transformers release changed how blocks are called).
@@ -179,12 +185,16 @@ class FastEngine:
         first = {int(layer): p for p, layer in reversed(list(enumerate(problems.layer.tolist())))}
         chosen = torch.tensor([first[layer] for layer in sorted(first)])  # the sweep wants layer order
         one = torch.ones(1, dtype=torch.float64)
-        _, value = self._sweep(problems, chosen, one, torch.zeros(1, dtype=torch.float64), "log_prob")
+        _, _, log_p = self._sweep(problems, chosen, one, torch.zeros(1, dtype=torch.float64), "log_prob")
+        self._check_clean(problems, chosen, log_p[:, 0])
+
+    def _check_clean(self, problems: Problems, chunk: torch.Tensor, log_p: torch.Tensor) -> None:
+        """Raise when a row at α = 1 (``log_p`` per problem of ``chunk``) differs from the clean model."""
         half = next(self.lm.model.parameters()).dtype in (torch.float16, torch.bfloat16)
         tolerance = 0.5 if half else 1e-3
-        for k, p in enumerate(chosen.tolist()):
+        for k, p in enumerate(chunk.tolist()):
             clean = self._clean_lp[(int(problems.seq[p]), int(problems.position[p]))]
-            got = float(value[k, 0])
+            got = float(log_p[k])
             if not abs(got - clean) <= tolerance:
                 layer = int(problems.layer[p])
                 raise upstream_error(
@@ -209,7 +219,8 @@ class FastEngine:
         nodes: torch.Tensor,
         node_w: torch.Tensor,
         objective: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted gradient sums ``[chunk, d_ff]``, F and log P(gold) ``[chunk, m]`` of one chunk."""
         lm, sites = self.lm, self.lm.sites
         device, dtype = lm.device, next(lm.model.parameters()).dtype
         m = len(nodes)
@@ -267,29 +278,32 @@ class FastEngine:
         else:
             final = hidden[torch.arange(len(unit_seq), device=device), unit_pos.to(device)]
         tokens = problems.token[chunk].repeat_interleave(m).to(device)
-        value, final_grad = self._head_grad(final, tokens, objective)
+        value, log_p, final_grad = self._head_grad(final, tokens, objective)
         grads = torch.autograd.grad(final, leaves, grad_outputs=final_grad)
         grad = torch.cat(grads).float().cpu().reshape(len(chunk), m, -1)
         grad_sum = (node_w.float()[None, :, None] * grad).sum(1)
-        return grad_sum, value.float().cpu().reshape(len(chunk), m)
+        shape = (len(chunk), m)
+        return grad_sum, value.float().cpu().reshape(shape), log_p.float().cpu().reshape(shape)
 
     def _head_grad(
         self, final: torch.Tensor, tokens: torch.Tensor, objective: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """F and dF/d(final hidden) of every row, the head run in sub-chunks (the logits of one at a time)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """F, log P(gold) and dF/d(final hidden) of every row, the head run in sub-chunks (the logits of one
+        at a time)."""
         x = final.detach()
         values = torch.empty(len(x), dtype=torch.float32, device=x.device)
+        log_probs = torch.empty_like(values)
         grads = torch.empty_like(x)
         for start in range(0, len(x), self.head_rows):
             part = slice(start, start + self.head_rows)
             xs = x[part].detach().requires_grad_(True)
             with torch.enable_grad():
-                value = objective_value(
-                    gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part]), objective
-                )
+                log_p = gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part])
+                value = objective_value(log_p, objective)
                 (grads[part],) = torch.autograd.grad(value.sum(), xs)
             values[part] = value.detach()
-        return values, grads
+            log_probs[part] = log_p.detach()
+        return values, log_probs, grads
 
 
 class _ChunkArgs:
