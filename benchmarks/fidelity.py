@@ -256,11 +256,12 @@ def worker(method: str, model: str, records_path: str, out: str, steps: int, bat
     options = dict(method=method, steps=steps, completeness=False)
     with PeakRss() as memory:
         attribute_batch(lm, items[:1], **options)  # warm-up (not timed): first-call allocations and kernels
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         parts = [attribute_batch(lm, items[i : i + batch], **options) for i in range(0, len(items), batch)]
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     torch.save({"scores": torch.cat([p.scores for p in parts]), "prob": torch.cat([p.prob for p in parts]),
-                "method": parts[0].method, "seconds": seconds, "peak_mb": memory.peak_mb,
+                "method": parts[0].method, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                "peak_mb": memory.peak_mb,
                 "tokens": [len(e.input_ids) for e in items], "targets": [len(e.targets) for e in items]},
                out)  # fmt: skip
 
@@ -286,14 +287,16 @@ def real_run(model: str, records: list[dict[str, Any]], steps: int, batch: int, 
             results[method] = torch.load(out)
             if results[method]["method"] != method:
                 raise RuntimeError(f"{method}: the result is labelled {results[method]['method']!r}")
-            log.info("%s on %s: %.3f s/query, peak %.0f MB above the model", method, model,
-                     results[method]["seconds"] / len(owner), results[method]["peak_mb"])  # fmt: skip
+            log.info("%s on %s: %.3f s/query (CPU %.3f s), peak %.0f MB above the model", method, model,
+                     results[method]["seconds"] / len(owner), results[method]["cpu_seconds"] / len(owner),
+                     results[method]["peak_mb"])  # fmt: skip
     scores = {method: r["scores"] for method, r in results.items()}
     fidelity, _ = compare_methods(records, owner, scores, kn)
-    ig_seconds = results["ig"]["seconds"]
+    ig = results["ig"]
     for method, r in results.items():
-        fidelity[method].update(s_per_query=r["seconds"] / len(owner), peak_mb=r["peak_mb"],
-                                cheaper_than_ig=ig_seconds / r["seconds"])  # fmt: skip
+        fidelity[method].update(s_per_query=r["seconds"] / len(owner), cpu_s_per_query=r["cpu_seconds"] / len(owner),
+                                peak_mb=r["peak_mb"], cheaper_than_ig=ig["seconds"] / r["seconds"],
+                                cpu_cheaper_than_ig=ig["cpu_seconds"] / r["cpu_seconds"])  # fmt: skip
     first = results["ig"]
     return {
         "model": model,
@@ -376,11 +379,13 @@ def table(result: dict[str, Any]) -> str:
                   f"facts, languages {', '.join(real['languages'])}; {real['tokens_per_query']:.1f} tokens, "
                   f"{real['targets_per_query']:.2f} answer tokens per query; mean P(answer) "
                   f"{real['mean_p_answer']:.3f})"]  # fmt: skip
-        header = ["method", *[c[0] for c in COLUMNS], "s/query", "× cheaper than ig", "peak MB"]
+        header = ["method", *[c[0] for c in COLUMNS], "s/query", "CPU s/query", "× cheaper (wall)",
+                  "× cheaper (CPU)", "peak MB"]  # fmt: skip
         lines.append(" | ".join(header))
         for method, r in real["methods"].items():
             cells = [cell(r.get(key), digits) for _, key, digits in COLUMNS]
-            cells += [cell(r["s_per_query"], 3), cell(r["cheaper_than_ig"], 1), cell(r["peak_mb"], 0)]
+            cells += [cell(r["s_per_query"], 3), cell(r["cpu_s_per_query"], 3), cell(r["cheaper_than_ig"], 1),
+                      cell(r["cpu_cheaper_than_ig"], 1), cell(r["peak_mb"], 0)]  # fmt: skip
             lines.append(" | ".join([method, *cells]))
         for method, r in real["methods"].items():
             if method != "ig":
@@ -412,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-planted", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument(
+        "--planted-from",
+        type=Path,
+        default=None,
+        help="take the planted part from an earlier result JSON (same settings) instead of re-planting",
+    )
     parser.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
@@ -445,7 +456,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if args.records
             else mpararel_records(args.mpararel, args.languages, args.relations, args.facts, args.queries)
         )
-    if not args.skip_planted:
+    if args.planted_from is not None:
+        earlier = json.loads(args.planted_from.read_text(encoding="utf-8"))
+        keys = ("archs", "seeds", "plant", "steps", "tau", "p", "threads")
+        if any(earlier["args"][k] != getattr(args, k) for k in keys):
+            raise SystemExit(f"--planted-from {args.planted_from}: its settings differ in {keys}")
+        result.update(planted=earlier["planted"], planted_seconds=earlier["planted_seconds"],
+                      planted_commit=earlier.get("commit"))  # fmt: skip
+    elif not args.skip_planted:
         runs = [planted_run(a, s, args.steps, kn, args.plant) for a in args.archs for s in args.seeds]
         result["planted"] = {"runs": runs, "summary": summarise_planted(runs)}
         result["planted_seconds"] = time.perf_counter() - start

@@ -90,7 +90,8 @@ def test_quick_mode_runs_end_to_end_and_writes_every_field(tmp_path: Path) -> No
     assert real["queries"] == sum(min(2, len(r["queries"])) for r in records if r["uuid"] in first_two)
     assert list(real["methods"]) == METHODS and real["methods"]["ig"]["cheaper_than_ig"] == 1.0
     for method, row in real["methods"].items():
-        assert row["s_per_query"] > 0 and row["peak_mb"] >= 0 and row["cheaper_than_ig"] > 0
+        assert row["s_per_query"] > 0 and row["cpu_s_per_query"] > 0 and row["peak_mb"] >= 0
+        assert row["cheaper_than_ig"] > 0 and row["cpu_cheaper_than_ig"] > 0
         if method != "ig":
             assert len(row["spearman_per_layer"]) == 3 and in_unit(row["top5"])  # tiny:gpt2 has 3 layers
 
