@@ -329,7 +329,7 @@ def main() -> None:
         dtype=args.dtype,
         device=args.device,
         chunk_rows=args.chunk_rows,
-        threads=torch.get_num_threads(),
+        threads=args.threads or torch.get_num_threads(),
         torch=torch.__version__,
         note="speed-up = EleutherAI time / engine time on the same prompts (wall, and process CPU time: steadier "
         "on a shared machine); diff = max|x-fast|/max|fast|; GFLOP from benchmarks/cost_model.py",

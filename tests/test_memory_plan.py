@@ -101,3 +101,15 @@ def test_options_accept_auto_and_check_the_budget() -> None:
         IGOptions(chunk_rows="auto", max_memory_gb=-1)
     with pytest.raises(ConfigError, match=r"set ig\.chunk_rows=auto"):
         IGOptions(chunk_rows=64, max_memory_gb=4)
+
+
+def test_the_budget_does_not_change_the_run_fingerprint() -> None:
+    """A resumed run may change its memory budget: results do not depend on it."""
+    from knlight.lm.options import LMOptions
+    from knlight.tasks import AttributionModule
+
+    default = AttributionModule(LMOptions(model="tiny:gpt2")).fingerprint()
+    planned = AttributionModule(
+        LMOptions(model="tiny:gpt2"), ig=IGOptions(chunk_rows="auto", max_memory_gb=2)
+    ).fingerprint()
+    assert planned == default

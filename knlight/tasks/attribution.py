@@ -302,5 +302,5 @@ class AttributionModule(BaseTask):
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that determine the results (memory/batching knobs excluded)."""
-        skip = ("chunk_rows", "micro_batch_size")
+        skip = ("chunk_rows", "max_memory_gb", "micro_batch_size")
         return {k: v for k, v in self.flat_hparams().items() if k not in skip}
