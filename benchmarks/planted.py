@@ -705,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "seconds": seconds,
         "compute_seconds": sum(part["seconds"] for part in parts) if parts else seconds,
+        "parts": [{"args": part["args"], "seconds": part["seconds"]} for part in parts],
         "summary": summaries,
         "runs": runs,
     }
