@@ -140,15 +140,15 @@ def test_select_help_documents_the_filter_and_the_carriers(capsys: pytest.Captur
 
 
 def test_interventions_skip_what_the_neuron_file_records_as_not_known() -> None:
-    """A (fact, language) recorded as not known gets no intervention rows for that file's neurons (any set),
-    a known one does (the clean rows are always there)."""
+    """With the filter on at selection, a (fact, language) recorded as not known gets no intervention rows for
+    that file's neurons (any set), a known one does (the clean rows are always there)."""
     from knlight.neurons.intervention_plan import ItemPool, PlanOptions, plan_item
     from knlight.neurons.neuron_annotations import KnownStatus
     from knlight.neurons.neuron_file import FactNeurons, NeuronFile
 
     fact = FactNeurons(relation="P36", languages={"en": [(0, 1)]}, language_independent=[(0, 1)])
     fact.known = {"en": KnownStatus(True, [0], 1), "de": KnownStatus(False, [], 1)}
-    file = NeuronFile("tiny", 2, 4, {}, {"F1": fact})
+    file = NeuronFile("tiny", 2, 4, {"known": {"enabled": True}}, {"F1": fact})
     items = [{"uuid": "F1", "language": g, "relation": "P36", "query_id": 0, "query": f"{g} [Y]",
               "answer": "Paris"} for g in ("en", "de")]  # fmt: skip
     pool = ItemPool(items)
@@ -159,3 +159,7 @@ def test_interventions_skip_what_the_neuron_file_records_as_not_known() -> None:
     assert [r.neurons for r in en_rows if r.method == 0] == [[(0, 1)]]
     assert [r for r in de_rows if r.method == 0] == []
     assert len(de_rows) == 1  # only the clean row
+    # Selected with the filter off, the status was only recorded: every item is tested.
+    file.method["known"]["enabled"] = False
+    _, de_rows = plan_item(items[1], pool, methods, options, ["de", "en"], 4)
+    assert [r.neurons for r in de_rows if r.method == 0] == [[(0, 1)]]

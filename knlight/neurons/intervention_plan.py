@@ -153,8 +153,11 @@ def plan_item(
     factors = {"suppress": 0.0, "enhance": options.enhance_factor, "erase": 0.0}
     for m, (file, kind_name) in enumerate(methods.values()):
         fact = file.facts.get(uuid)
-        if fact is None or not fact.is_known(language):
-            continue  # the knowledge filter recorded that the model does not know the fact in this language
+        # As the selection did: with its knowledge filter on, a (fact, language) it recorded as not known to
+        # the model is not tested (with the filter off the status was only recorded, and every item is tested).
+        filtered = bool((file.method.get("known") or {}).get("enabled"))
+        if fact is None or (filtered and not fact.is_known(language)):
+            continue
         own = fact.neurons(kind_name, language)
         if kind_name == "language":
             union = list(dict.fromkeys(n for lang in sorted(fact.languages) for n in fact.languages[lang]))
