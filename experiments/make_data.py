@@ -39,23 +39,18 @@ CANDIDATE_LANGUAGES = ["en", "de", "es", "fr", "ru", "ja", "zh-hans"]
 
 @torch.no_grad()
 def answer_ranks(lm, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[tuple[int, int]]:
-    """(rank of the answer's first token, that token) for each (query, answer); rank 0 = the top prediction."""
+    """(rank of the answer's first token, that token) for each (query, answer); rank 0 = the top prediction.
+
+    One padded forward per batch with the LM head at the first target position only
+    (:meth:`knlight.LanguageModel.target_log_probs`).
+    """
     encoded = [lm.encode(q, a) for q, a in pairs]
     out: list[tuple[int, int]] = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        prefixes = [e.input_ids[: e.targets[0][0] + 1] for e in chunk]
-        width = max(len(p) for p in prefixes)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, prefix in enumerate(prefixes):  # right padding: real positions never see the pad
-            ids[row, : len(prefix)] = torch.tensor(prefix)
-            mask[row, : len(prefix)] = 1
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        for row, (e, prefix) in enumerate(zip(chunk, prefixes, strict=True)):
-            scores = logits[row, len(prefix) - 1]
+        chunk = [replace(e, targets=e.targets[:1]) for e in encoded[start : start + batch_size]]
+        for e, log_probs in zip(chunk, lm.target_log_probs(chunk), strict=True):
             token = e.targets[0][1]
-            out.append((int((scores > scores[token]).sum()), token))
+            out.append((int((log_probs[0] > log_probs[0, token]).sum()), token))
     return out
 
 
@@ -107,8 +102,13 @@ def main() -> None:
         lm = load_lm(args.model)
         lm.model.eval()
         log.info("probing %d queries (%d cached)", len(missing), len(pairs) - len(missing))
-        for pair, ranked in zip(missing, answer_ranks(lm, missing), strict=True):
-            cache[json.dumps(pair)] = list(ranked)
+        step = 1024  # the cache is saved after each step, so a killed probe resumes where it was
+        for lo in range(0, len(missing), step):
+            part = missing[lo : lo + step]
+            for pair, ranked in zip(part, answer_ranks(lm, part), strict=True):
+                cache[json.dumps(pair)] = list(ranked)
+            write_text_atomically(cache_path, json.dumps({"model": args.model, "ranks": cache}))
+            log.info("probed %d of %d", min(lo + step, len(missing)), len(missing))
     write_text_atomically(cache_path, json.dumps({"model": args.model, "ranks": cache}))
     probed: list[tuple[FactRecord, list[tuple[str, int, int]]]] = []
     for r in records:

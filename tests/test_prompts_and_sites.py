@@ -133,3 +133,19 @@ def test_tiny_tokenizers_are_identical_in_another_process() -> None:
         for k in ("wordpiece", "unigram", "bpe")
     ]
     assert out == mine
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_target_log_probs_equal_the_full_models_logits_at_the_targets(arch: str) -> None:
+    """The head runs at the target positions only; the oracle is the model's own logits at every position."""
+    lm = tiny(arch)
+    encoded = [lm.encode("The capital of France is [Y].", "Paris"), lm.encode("Rome is in [Y].", "Italy")]
+    got = lm.target_log_probs(encoded)
+    ids, mask = lm.pad([e.input_ids for e in encoded])
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    for row, (query, log_probs) in enumerate(zip(encoded, got, strict=True)):
+        positions = [p for p, _ in query.targets]
+        expected = torch.log_softmax(logits[row, positions].float(), dim=-1)
+        assert log_probs.shape == expected.shape
+        torch.testing.assert_close(log_probs, expected, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ ALL="data localize select intervene enhance edit inject factcheck tables"
 source experiments/lib.sh
 mkdir -p $R
 wants data && timed make_data python experiments/make_data.py --languages en,de,es,fr,it,ru,ja,zh-hans,ar,ko \
+  --relations P36,P1376,P37,P30,P103,P27,P17,P364 \
   --probe_facts 40 --min_known_languages 2 --facts 20 --max_relations 5 --unknown_facts 5 \
   --output $E/data/gemma_large.jsonl
 base=(--config configs/trainer/localize.yaml --config configs/localize/gemma3-270m.yaml --config $C/localize.yaml)

@@ -11,7 +11,7 @@ source experiments/lib.sh
 mkdir -p $R
 wants data && timed make_data python experiments/make_data.py --model smollm2-135m --languages en \
   --relations P36,P1376,P30,P17,P37,P103,P27,P19,P20,P140,P495,P364,P1412,P176,P178,P159 --probe_facts 60 \
-  --min_known_languages 1 --facts 25 --keep_relations P37,P36,P1376,P27,P178,P176 --unknown_facts 10 \
+  --min_known_languages 1 --facts 25 --queries 1 --keep_relations P37,P36,P1376,P27,P178,P176 --unknown_facts 10 \
   --output $E/data/smollm2_en.jsonl
 base=(--config configs/trainer/localize.yaml --config configs/localize/smollm2-135m.yaml --config $C/localize.yaml)
 wants localize && timed localize-zero knlight predict "${base[@]}"

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from knlight.errors import ConfigError
 from knlight.lm.prompts import EncodedQuery, QueryError, encode_query
 from knlight.lm.sites import NeuronSites, resolve_sites
+from knlight.lm.upstream import base_model_forward, last_hidden_state
 
 
 @dataclass
@@ -130,11 +131,16 @@ class LanguageModel:
 
     def target_log_probs(self, encoded: Sequence[EncodedQuery]) -> list[torch.Tensor]:
         """Per query, ``[answer tokens, vocab]`` log-probabilities at its target positions (one padded forward,
-        gradients flow when enabled)."""
+        gradients flow when enabled).
+
+        The LM head runs at the target positions only (a 262k-token head at every position of a batch would
+        cost more than the model itself).
+        """
         ids, mask = self.pad([e.input_ids for e in encoded])
         device = self.device
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        output = base_model_forward(self.model, input_ids=ids.to(device), attention_mask=mask.to(device))
         rows = torch.tensor([r for r, e in enumerate(encoded) for _ in e.targets], device=device)
         positions = torch.tensor([p for e in encoded for p, _ in e.targets], device=device)
-        log_probs = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+        logits = self.head(last_hidden_state(output)[rows, positions])
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         return list(log_probs.split([len(e.targets) for e in encoded]))
