@@ -150,7 +150,9 @@ def direct_effects(
                 for layer in range(lm.num_layers):
                     attn = clean.attn[layer]
                     stack.enter_context(
-                        _replace(attn_modules[layer], lambda out, attn=attn, rows=rows: attn.expand(rows, -1, -1))
+                        _replace(
+                            attn_modules[layer], lambda out, attn=attn, rows=rows: attn.expand(rows, -1, -1)
+                        )
                     )
                     patched = clean.y[layer].expand(rows, -1, -1).clone()
                     cols = _columns(lm, layer)
