@@ -88,3 +88,19 @@ def test_data_build_command_writes_records(tmp_path: Path) -> None:
     main(["data", "build", "mpararel", "--root", str(mpararel), "--languages", "[en,de]", "--relations", "[P36]",
           "--max_facts_per_relation", "3", "--output", str(out)])  # fmt: skip
     assert len(out.read_text(encoding="utf-8").splitlines()) == 6  # 3 facts x 2 languages
+
+
+def test_select_neurons_callback_takes_every_option_block_of_knlight_select() -> None:
+    """The end-of-predict selection is configurable like `knlight select` (no option block only in one of them)."""
+    import dataclasses
+    import inspect
+
+    from knlight.callbacks.select import SelectNeurons
+    from knlight.selection.run import run_selection
+
+    def blocks(function: object) -> set[str]:
+        parameters = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+        return {p.name for p in parameters if dataclasses.is_dataclass(p.default)}
+
+    assert blocks(run_selection) - {"lm"} == blocks(SelectNeurons.__init__)
+    assert {"known", "carriers", "specificity", "consistency", "lape"} <= blocks(SelectNeurons.__init__)

@@ -13,12 +13,16 @@ import logging
 import lightning.pytorch as pl
 
 from knlight.callbacks.writer import AttributionWriter
+from knlight.selection.annotate import needs_model
 from knlight.selection.options import (
     CarrierOptions,
+    ConsistencyOptions,
     DknOptions,
     KnOptions,
     KnownOptions,
+    LapeOptions,
     LiknOptions,
+    SpecificityOptions,
     UncertaintyOptions,
 )
 from knlight.selection.reader import read_attributions
@@ -39,6 +43,9 @@ class SelectNeurons(pl.Callback):
         dkn: Degenerate neurons (the search runs on the already loaded model).
         known: The knowledge filter (on by default: only what the model knows counts).
         carriers: Carriers vs upstream neurons (direct effects on the already loaded model).
+        specificity: Fact-specific vs relation-level vs generic neurons (labels; fact-specific listed first).
+        consistency: Consistency of each fact's neurons across its queries (Jaccard, Otsu split).
+        lape: Language-specific neurons by activation statistics (LAPE), on the already loaded model.
     """
 
     def __init__(
@@ -51,12 +58,16 @@ class SelectNeurons(pl.Callback):
         dkn: DknOptions = DknOptions(),
         known: KnownOptions = KnownOptions(),
         carriers: CarrierOptions = CarrierOptions(),
+        specificity: SpecificityOptions = SpecificityOptions(),
+        consistency: ConsistencyOptions = ConsistencyOptions(),
+        lape: LapeOptions = LapeOptions(),
     ) -> None:
         super().__init__()
         self.output = output
         self.languages = languages
         self.kn, self.likn, self.uncertainty, self.dkn = kn, likn, uncertainty, dkn
         self.known, self.carriers = known, carriers
+        self.specificity, self.consistency, self.lape = specificity, consistency, lape
         self.path: str | None = None
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -73,9 +84,10 @@ class SelectNeurons(pl.Callback):
         run = read_attributions(writer.dir)
         output = self.output or str(writer.dir / "neurons.json")
         model_name = str(run.hparams.get("model") or getattr(pl_module, "model_name", ""))
-        lm = getattr(pl_module, "lm", None) if self.dkn.enabled or self.carriers.enabled else None
+        model_needed = self.dkn.enabled or self.carriers.enabled or needs_model(self.specificity, self.lape)
+        lm = getattr(pl_module, "lm", None) if model_needed else None
         select_run(run, output, model_name, lm, languages=self.languages, kn=self.kn, likn=self.likn,
-                   uncertainty=self.uncertainty, dkn=self.dkn, known=self.known,
-                   carriers=self.carriers)  # fmt: skip
+                   uncertainty=self.uncertainty, dkn=self.dkn, known=self.known, carriers=self.carriers,
+                   specificity=self.specificity, consistency=self.consistency, lape=self.lape)  # fmt: skip
         self.path = output
         log.info("neuron file written: %s", output)
