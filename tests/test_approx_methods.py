@@ -268,3 +268,23 @@ def test_exact_ig_is_what_predict_records_by_default(
     assert lines and all(json.loads(line)["method"] == "ig" for line in lines)
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["method"] == "ig"
     assert summarize(out).splitlines()[0] == "method: ig"
+
+
+def test_a_run_from_before_the_method_was_recorded_resumes_with_exact_ig_only(
+    tmp_path: Path, tiny_args: Callable[[Path], list[str]]
+) -> None:
+    """A folder whose run.json has no ``hparams.method`` (knlight before ig.method: exact IG) resumes with exact
+    IG — nothing is recomputed — and is refused for an approximation."""
+    out = tmp_path / "attributions"
+    writer = ["--trainer.callbacks.init_args.output_dir", str(out)]
+    main([*tiny_args(tmp_path), *writer])
+    run_file = out / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    del run["hparams"]["method"]
+    run_file.write_text(json.dumps(run), encoding="utf-8")
+    before = (out / "attributions.jsonl").read_bytes()
+    main([*tiny_args(tmp_path), *writer])  # exact IG: resumes, every item already done
+    assert (out / "attributions.jsonl").read_bytes() == before
+    with pytest.raises(RuntimeError, match=r"different settings \(hparams\.method;"):
+        main([*tiny_args(tmp_path), *writer, "--model.init_args.ig.method", "grad_x_act"])
+    assert (out / "attributions.jsonl").read_bytes() == before

@@ -59,8 +59,14 @@ def read_run_file(folder: Path) -> dict[str, Any] | None:
     return value
 
 
+SETTINGS_ADDED_LATER: dict[str, Any] = {"hparams.method": "ig"}
+"""Settings a newer knlight records, with the value that reproduces what a run from before they existed did: a
+``run.json`` without the key resumes only when this run has that value (exact IG before ``ig.method``)."""
+
+
 def changed_settings(previous: dict[str, Any], current: dict[str, Any], groups: Sequence[str]) -> list[str]:
-    """The settings (``group.key``) of ``groups`` that differ between two ``run.json`` contents."""
+    """The settings (``group.key``) of ``groups`` that differ between two ``run.json`` contents (a key a newer
+    knlight added counts as unchanged when this run has its old behaviour, see :data:`SETTINGS_ADDED_LATER`)."""
     changed = []
     for group in groups:
         before, now = previous.get(group), current.get(group)
@@ -69,7 +75,13 @@ def changed_settings(previous: dict[str, Any], current: dict[str, Any], groups: 
         if before is None:
             changed.append(f"{group} (not recorded in run.json)")
         elif isinstance(before, dict) and isinstance(now, dict):
-            changed += [f"{group}.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            for key in sorted(set(before) | set(now)):
+                name = f"{group}.{key}"
+                if key not in before and name in SETTINGS_ADDED_LATER:
+                    if now.get(key) != SETTINGS_ADDED_LATER[name]:
+                        changed.append(name)
+                elif before.get(key) != now.get(key):
+                    changed.append(name)
         else:
             changed.append(group)
     return changed
