@@ -10,6 +10,8 @@ E=experiments/gemma-large R=experiments/gemma-large/results C=configs/gemma-larg
 ALL="data localize select intervene enhance edit inject factcheck tables"
 source experiments/lib.sh
 mkdir -p $R
+# the issue-9 probe ranks (same model, same queries) seed the cache: only the new languages are probed
+[ -f $E/data/probe_ranks.json ] || { mkdir -p $E/data && cp experiments/gemma/data/probe_ranks.json $E/data/; }
 wants data && timed make_data python experiments/make_data.py --languages en,de,es,fr,it,ru,ja,zh-hans,ar,ko \
   --relations P36,P1376,P37,P30,P103,P27,P17,P364 \
   --probe_facts 40 --min_known_languages 2 --facts 20 --max_relations 5 --unknown_facts 5 \
