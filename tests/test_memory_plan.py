@@ -16,11 +16,14 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from knlight import attribute_batch
+from knlight.editing.scoring import Scorer
 from knlight.errors import ConfigError
 from knlight.lm import LanguageModel
 from knlight.lm.tiny import TOKENIZER_KIND, tiny_config, tiny_tokenizer
 from knlight.neurons.ig import IGOptions
+from knlight.neurons.interventions import intervene
 from knlight.neurons.memory import ModelShape, fixed_chunks, plan_sweep
+from knlight.neurons.selection import degenerate_neurons
 
 ITEMS = [
     ("The capital of France is a large old city named [Y].", "Paris"),
@@ -113,3 +116,74 @@ def test_the_budget_does_not_change_the_run_fingerprint() -> None:
         LMOptions(model="tiny:gpt2"), ig=IGOptions(chunk_rows="auto", max_memory_gb=2)
     ).fingerprint()
     assert planned == default
+
+
+def encoded_rows(lm: LanguageModel, sets_per_query: int) -> list[tuple[Any, list[tuple[int, int]], float]]:
+    """Intervention rows: every query of ITEMS with ``sets_per_query`` seeded random neuron pairs, suppressed."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for query, answer in ITEMS:
+        encoded = lm.encode(query, answer)
+        for _ in range(sets_per_query):
+            layers = torch.randint(lm.num_layers, (2,), generator=generator).tolist()
+            indices = torch.randint(lm.d_ff, (2,), generator=generator).tolist()
+            rows.append((encoded, list(zip(layers, indices)), 0.0))
+    return rows
+
+
+@pytest.mark.parametrize(("kind", "budget_mib"), [("gpt2", 2.0), ("bert", 4.0)])
+def test_auto_intervention_chunks_stay_within_a_small_budget(kind: str, budget_mib: float, one_thread: None) -> None:
+    """The other tasks' row chunking (interventions, the DKN search, edit scoring) plans from the same budget."""
+    lm = small_lm(kind)
+    rows = encoded_rows(lm, 100)
+    budget = budget_mib * MIB
+    peak_auto, auto = peak_bytes(lambda: intervene(lm, rows, chunk_rows="auto", max_memory_gb=budget / (1 << 30)))
+    peak_whole, whole = peak_bytes(lambda: intervene(lm, rows, chunk_rows=100_000))
+    assert peak_auto <= budget, f"{kind}: measured peak {peak_auto / MIB:.2f} MiB > budget {budget_mib} MiB"
+    assert peak_whole > budget, f"{kind}: one chunk peaks at {peak_whole / MIB:.2f} MiB; budget does not bind"
+    assert torch.allclose(auto.log_prob, whole.log_prob, rtol=1e-5, atol=1e-6)
+    assert torch.equal(auto.top1, whole.top1)
+
+
+def test_auto_edit_scoring_stays_within_a_small_budget(one_thread: None) -> None:
+    lm = small_lm("llama")
+    rows = [
+        {"query": query, "target": answer, "competitors": ["London", "Berlin", "Madrid"] * 20}
+        for query, answer in ITEMS
+    ]
+    budget = 2 * MIB
+    peak_auto, auto = peak_bytes(lambda: Scorer(lm, "auto", budget / (1 << 30)).score(rows))
+    peak_whole, whole = peak_bytes(lambda: Scorer(lm, 100_000).score(rows))
+    assert peak_auto <= budget, f"measured peak {peak_auto / MIB:.2f} MiB > budget 2 MiB"
+    assert peak_whole > budget, f"one chunk peaks at {peak_whole / MIB:.2f} MiB; budget does not bind"
+    for a, b in zip(auto, whole):
+        assert torch.allclose(a["lp_target"], b["lp_target"], atol=1e-5)
+        assert torch.allclose(torch.stack(a["lp_comp"]), torch.stack(b["lp_comp"]), atol=1e-5)
+
+
+def test_auto_dkn_search_finds_what_fixed_chunks_find(one_thread: None) -> None:
+    lm = small_lm("gpt2")
+    items = [lm.encode(query, answer) for query, answer in ITEMS]
+    top = [(layer, index) for layer in range(lm.num_layers) for index in range(5)]
+    fixed = degenerate_neurons(lm, items, top, t_low=0.5, t_high=0.0, grow=False, chunk_rows=7)
+    auto = degenerate_neurons(
+        lm, items, top, t_low=0.5, t_high=0.0, grow=False, chunk_rows="auto", max_memory_gb=2 / 1024
+    )
+    assert fixed.pairs == auto.pairs and fixed.candidates == auto.candidates and fixed.pairs
+
+
+def test_the_other_tasks_check_their_chunk_settings() -> None:
+    from knlight.lm.options import LMOptions
+    from knlight.tasks import EditingModule, FactCheckModule, InterventionModule
+
+    lm = LMOptions(model="tiny:gpt2")
+    methods = {"dai": {"neurons": "neurons.json"}}
+    assert InterventionModule(lm, methods=methods, chunk_rows="auto", max_memory_gb=1).max_memory_gb == 1
+    with pytest.raises(ConfigError, match=r"model\.init_args\.chunk_rows='lots': give a positive number, auto"):
+        InterventionModule(lm, methods=methods, chunk_rows="lots")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"model\.init_args\.max_memory_gb=0: give a positive number of GiB"):
+        FactCheckModule(lm, chunk_rows="auto", max_memory_gb=0)
+    with pytest.raises(ConfigError, match=r"set model\.init_args\.chunk_rows=auto"):
+        EditingModule(lm, neurons="neurons.json", chunk_rows=8, max_memory_gb=1)
+    with pytest.raises(ConfigError, match=r"one row of \d+ tokens needs about .* raise model\.init_args\.max"):
+        intervene(small_lm("gpt2"), encoded_rows(small_lm("gpt2"), 1), chunk_rows="auto", max_memory_gb=1e-6)

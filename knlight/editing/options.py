@@ -15,7 +15,7 @@ BASELINES = ("direct", "suppress", "enhance", "random")
 
 
 def check_settings(
-    mode: str, neuron_rule: str, baselines: Sequence[str], chunk_rows: int, neurons: str | None, layers: Any
+    mode: str, neuron_rule: str, baselines: Sequence[str], neurons: str | None, layers: Any
 ) -> None:
     """Check the settings of an editing run that are not option blocks (``model.init_args.<name>``).
 
@@ -28,8 +28,6 @@ def check_settings(
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise ConfigError(f"model.init_args.baselines {unknown}: choose among {', '.join(BASELINES)}")
-    if chunk_rows < 1:
-        raise ConfigError(f"model.init_args.chunk_rows={chunk_rows}: give a positive number")
     if neurons is None and not (neuron_rule == "ffn" and layers):
         raise ConfigError(
             "model.init_args.neurons: give a neuron file (only neuron_rule=ffn with explicit layers needs none)"

@@ -16,6 +16,7 @@ from knlight.data.records import FactRecord
 from knlight.editing.measures import RowScore
 from knlight.lm import LanguageModel
 from knlight.lm.prompts import EncodedQuery, QueryError
+from knlight.neurons.memory import ChunkRows, resolve_chunk_rows
 
 Row = dict[str, Any]
 
@@ -36,12 +37,15 @@ class Scorer:
 
     Args:
         lm: The language model (scored as it computes when called: with or without edits applied).
-        chunk_rows: Sequences per forward.
+        chunk_rows: Sequences per forward, or ``"auto"``: as many as fit in ``max_memory_gb`` (planned per call
+            for its longest sequence).
+        max_memory_gb: Budget of ``chunk_rows="auto"`` in GiB (None: 90 % of the device's free memory).
     """
 
-    def __init__(self, lm: LanguageModel, chunk_rows: int) -> None:
+    def __init__(self, lm: LanguageModel, chunk_rows: ChunkRows, max_memory_gb: float | None = None) -> None:
         self.lm = lm
         self.chunk_rows = chunk_rows
+        self.max_memory_gb = max_memory_gb
         self._encoded: dict[tuple[str, str], EncodedQuery] = {}
 
     def encode(self, query: str, answer: str) -> EncodedQuery:
@@ -66,8 +70,11 @@ class Scorer:
             sequences.append((r, -1, self.encode(row["query"], row["target"])))
             sequences += [(r, c, self.encode(row["query"], o)) for c, o in enumerate(row["competitors"])]
         out: list[dict[str, Any]] = [{"lp_comp": [None] * len(row["competitors"])} for row in rows]
-        for start in range(0, len(sequences), self.chunk_rows):
-            chunk = sequences[start : start + self.chunk_rows]
+        longest = max((len(s[2].input_ids) for s in sequences), default=1)
+        targets = max((len(s[2].targets) for s in sequences), default=1)
+        size = resolve_chunk_rows(self.lm, self.chunk_rows, longest, targets, self.max_memory_gb)
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start : start + size]
             for (r, c, encoded), log_probs in zip(chunk, self.lm.target_log_probs([s[2] for s in chunk])):
                 value = answer_log_prob(log_probs, encoded)
                 if c < 0:

@@ -68,8 +68,11 @@ class DKNSearch:
     """Also count the members of larger degenerate sets (greedy growth beyond pairs)."""
     fallback: Literal["top", "none"] = "top"
     """``top``: a relation whose training claims have no DKN pair uses their top-K counts; ``none``: error."""
-    chunk_rows: int = 256
-    """Rows per forward of the DKN search (a memory knob; results do not depend on it)."""
+    chunk_rows: int | Literal["auto"] = 256
+    """Rows per forward of the DKN search (a memory knob; results do not depend on it), or ``auto``: planned
+    from ``max_memory_gb``."""
+    max_memory_gb: float | None = None
+    """Budget of ``chunk_rows: auto`` in GiB (null: 90 % of what the device has free)."""
 
 
 @dataclass
@@ -123,7 +126,14 @@ def dkn_rows(lm: Any, claim_id: int, encoded: EncodedQuery, search: DKNSearch) -
         scores = attribute_batch(lm, [encoded], completeness=False, **search.ig.kwargs()).scores[0]
     top = mask_to_neurons(top_k_mask(scores, search.top_k), scores)
     result = degenerate_neurons(
-        lm, [encoded], top, search.t_low, search.t_high, grow=search.use_sets, chunk_rows=search.chunk_rows
+        lm,
+        [encoded],
+        top,
+        search.t_low,
+        search.t_high,
+        grow=search.use_sets,
+        chunk_rows=search.chunk_rows,
+        max_memory_gb=search.max_memory_gb,
     )
     rows = [[claim_id, TOP_GROUP, m, layer, index] for m, (layer, index) in enumerate(top)]
     groups: list[Sequence[Neuron]] = [*result.pairs, *(result.sets if search.use_sets else [])]

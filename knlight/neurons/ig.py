@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from knlight.errors import ConfigError
+from knlight.neurons.memory import check_chunk_rows
 
 Quadrature = Literal["riemann_right", "eleuther", "trapezoid", "gauss_legendre"]
 Baseline = Literal["zero", "amig"]
@@ -145,24 +146,7 @@ class IGOptions:
             raise ConfigError(
                 f"ig.steps={self.steps}: the {self.quadrature} quadrature needs steps >= {least}"
             )
-        rows = self.chunk_rows
-        if rows not in (None, "auto") and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-            raise ConfigError(
-                f"ig.chunk_rows={rows!r}: give a positive number, auto (planned from ig.max_memory_gb), or "
-                "null for the default"
-            )
-        if self.max_memory_gb is not None:
-            if isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, int | float):
-                raise ConfigError(f"ig.max_memory_gb={self.max_memory_gb!r}: give a number of GiB, or null")
-            if self.max_memory_gb <= 0:
-                raise ConfigError(
-                    f"ig.max_memory_gb={self.max_memory_gb}: give a positive number of GiB, or null"
-                )
-            if self.chunk_rows != "auto":
-                raise ConfigError(
-                    f"ig.max_memory_gb={self.max_memory_gb} is the budget of ig.chunk_rows=auto, but "
-                    f"ig.chunk_rows={self.chunk_rows!r}: set ig.chunk_rows=auto, or drop ig.max_memory_gb"
-                )
+        check_chunk_rows(self.chunk_rows, self.max_memory_gb, "ig", allow_none=True)
         for name, value, choices in (
             ("method", self.method, METHODS),
             ("baseline", self.baseline, BASELINES),

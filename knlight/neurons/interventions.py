@@ -19,6 +19,7 @@ import torch
 from knlight.lm.hooks import edit_activations
 from knlight.lm.prompts import EncodedQuery
 from knlight.lm.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
+from knlight.neurons.memory import ChunkRows, resolve_chunk_rows
 from knlight.neurons.neuron import Neuron, check_neurons
 
 MIN_CACHED_ROWS = 4
@@ -42,8 +43,9 @@ class Outcome:
 def intervene(
     lm: Any,
     rows: Sequence[tuple[EncodedQuery, Sequence[Neuron], float]],
-    chunk_rows: int = 256,
+    chunk_rows: ChunkRows = 256,
     prefix_cache: bool | None = None,
+    max_memory_gb: float | None = None,
 ) -> Outcome:
     """Evaluate rows ``(query, neuron set, factor)`` in batched forwards.
 
@@ -58,8 +60,10 @@ def intervene(
         lm: A :class:`knlight.LanguageModel` (anything with ``model``, ``sites``, ``num_layers``, ``d_ff``,
             ``pad_token_id``, ``device`` and ``masked``).
         rows: The rows; an empty set (or factor 1) leaves the model unchanged.
-        chunk_rows: Rows per forward.
+        chunk_rows: Rows per forward, or ``"auto"``: as many as fit in ``max_memory_gb``
+            (:func:`knlight.neurons.memory.resolve_chunk_rows`, planned for the longest row).
         prefix_cache: Reuse each query's clean prefix (default: for causal LMs).
+        max_memory_gb: Budget of ``chunk_rows="auto"`` in GiB (None: 90 % of the device's free memory).
 
     Returns:
         log P(answer) and top-1 correctness of every row.
@@ -68,6 +72,9 @@ def intervene(
         check_neurons(neurons, lm.num_layers, lm.d_ff)
     if prefix_cache is None:
         prefix_cache = not getattr(lm, "masked", True)
+    longest = max((len(query.input_ids) for query, _, _ in rows), default=1)
+    targets = max((len(query.targets) for query, _, _ in rows), default=1)
+    size = resolve_chunk_rows(lm, chunk_rows, longest, targets, max_memory_gb)
     log_prob = torch.empty(len(rows))
     top1 = torch.empty(len(rows), dtype=torch.bool)
     if prefix_cache:
@@ -77,14 +84,14 @@ def intervene(
         # A query with few rows gains nothing from its own two forwards: those rows run whole, batched.
         few = [r for members in by_query.values() if len(members) < MIN_CACHED_ROWS for r in members]
         chunks = [
-            members[i : i + chunk_rows]
+            members[i : i + size]
             for members in by_query.values()
             if len(members) >= MIN_CACHED_ROWS
-            for i in range(0, len(members), chunk_rows)
+            for i in range(0, len(members), size)
         ]
-        chunks += [few[i : i + chunk_rows] for i in range(0, len(few), chunk_rows)]
+        chunks += [few[i : i + size] for i in range(0, len(few), size)]
     else:
-        chunks = [list(range(i, min(i + chunk_rows, len(rows)))) for i in range(0, len(rows), chunk_rows)]
+        chunks = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     for chunk in chunks:
         queries = [rows[r][0] for r in chunk]
         sets = [list(rows[r][1]) for r in chunk]
@@ -110,7 +117,8 @@ def answer_log_probs(
     items: Sequence[EncodedQuery],
     neuron_sets: Sequence[Sequence[Neuron]] | None = None,
     factor: float = 0.0,
-    chunk_rows: int = 256,
+    chunk_rows: ChunkRows = 256,
+    max_memory_gb: float | None = None,
 ) -> torch.Tensor:
     """log P(answer) of every item under every neuron-set intervention, in batched forwards.
 
@@ -119,14 +127,15 @@ def answer_log_probs(
         items: Encoded queries.
         neuron_sets: S sets of (layer, index); each is applied alone (default: one empty set = clean model).
         factor: Multiplier at the target positions (0 suppresses, 2 enhances, 1 leaves unchanged).
-        chunk_rows: Rows (item × set) per forward.
+        chunk_rows: Rows (item × set) per forward, or ``"auto"`` (see :func:`intervene`).
+        max_memory_gb: Budget of ``chunk_rows="auto"`` in GiB.
 
     Returns:
         ``[len(items), S]`` log-probabilities (sum over answer tokens, gold prefix teacher-forced).
     """
     sets = [list(s) for s in (neuron_sets if neuron_sets is not None else [[]])]
     rows = [(item, s, factor) for item in items for s in sets]
-    return intervene(lm, rows, chunk_rows).log_prob.view(len(items), len(sets))
+    return intervene(lm, rows, chunk_rows, max_memory_gb=max_memory_gb).log_prob.view(len(items), len(sets))
 
 
 def _scaling_hooks(

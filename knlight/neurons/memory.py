@@ -149,12 +149,15 @@ def available_bytes(device: torch.device | str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def budget_bytes(max_memory_gb: float | None, device: torch.device | str) -> int:
-    """The budget in bytes: ``max_memory_gb`` GiB, or 90 % of what the device has free."""
+def budget_bytes(
+    max_memory_gb: float | None, device: torch.device | str, key: str = "ig.max_memory_gb"
+) -> int:
+    """The budget in bytes: ``max_memory_gb`` GiB, or 90 % of what the device has free (``key`` names the
+    setting in errors)."""
     if max_memory_gb is None:
         return int(0.9 * available_bytes(device))
-    if max_memory_gb <= 0:
-        raise ConfigError(f"ig.max_memory_gb={max_memory_gb}: give a positive number of GiB, or null")
+    if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, int | float) or max_memory_gb <= 0:
+        raise ConfigError(f"{key}={max_memory_gb!r}: give a positive number of GiB, or null")
     return int(max_memory_gb * (1 << 30))
 
 
@@ -241,3 +244,78 @@ def fixed_chunks(n_problems: int, rows_per_problem: int, chunk_rows: int) -> lis
     """Chunks of ``chunk_rows // rows_per_problem`` problems (at least one) for a fixed ``chunk_rows``."""
     per_chunk = max(1, chunk_rows // rows_per_problem)
     return [(s, min(s + per_chunk, n_problems)) for s in range(0, n_problems, per_chunk)]
+
+
+ChunkRows = int | str
+"""A row-chunking setting: a positive number of rows per forward, or ``"auto"`` (planned from a budget)."""
+
+
+def check_chunk_rows(chunk_rows: object, max_memory_gb: object, key: str, allow_none: bool = False) -> None:
+    """Check a ``chunk_rows`` / ``max_memory_gb`` pair of settings (``<key>.chunk_rows``, ...).
+
+    Raises:
+        ConfigError: ``chunk_rows`` is not a positive number or ``auto`` (or null where ``allow_none``), or
+            ``max_memory_gb`` is not a positive number or null, or is given without ``chunk_rows: auto``.
+    """
+    ok = chunk_rows == "auto" or (allow_none and chunk_rows is None)
+    if not ok and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        default = ", or null for the default" if allow_none else ""
+        raise ConfigError(
+            f"{key}.chunk_rows={chunk_rows!r}: give a positive number, auto (planned from {key}.max_memory_gb)"
+            f"{default}"
+        )
+    if max_memory_gb is None:
+        return
+    if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, int | float) or max_memory_gb <= 0:
+        raise ConfigError(f"{key}.max_memory_gb={max_memory_gb!r}: give a positive number of GiB, or null")
+    if chunk_rows != "auto":
+        raise ConfigError(
+            f"{key}.max_memory_gb={max_memory_gb} is the budget of {key}.chunk_rows=auto, but "
+            f"{key}.chunk_rows={chunk_rows!r}: set {key}.chunk_rows=auto, or drop {key}.max_memory_gb"
+        )
+
+
+def inference_row_bytes(shape: ModelShape, seq_len: int, targets: int) -> int:
+    """Bytes one sequence of ``seq_len`` tokens needs in a forward without gradients: one block's
+    temporaries at a time, every layer's keys/values (the cache a causal forward builds), the attention
+    probabilities of one layer, and fp32 logits (+ log-softmax) at its ``targets`` positions."""
+    per_token = (4 * shape.d_model + 3 * shape.d_ff) * shape.element_bytes
+    keys = 0 if shape.masked else 2 * shape.layers * shape.d_kv * shape.element_bytes
+    attention = shape.heads * seq_len * seq_len * 4
+    return seq_len * (per_token + keys) + attention + targets * shape.vocab * (2 * 4 + shape.element_bytes)
+
+
+def resolve_chunk_rows(
+    lm: Any,
+    chunk_rows: ChunkRows,
+    seq_len: int,
+    targets: int,
+    max_memory_gb: float | None,
+    key: str = "model.init_args",
+) -> int:
+    """Rows per forward of an inference task (interventions, edit scoring, the DKN search).
+
+    Args:
+        lm: A :class:`knlight.LanguageModel`.
+        chunk_rows: A positive number (returned as is), or ``"auto"``: as many rows as fit in
+            ``SAFETY × budget`` by :func:`inference_row_bytes` of the longest row.
+        seq_len: Longest sequence of the rows.
+        targets: Most target positions of a row.
+        max_memory_gb: The budget in GiB (None: 90 % of what the device has free).
+        key: Where the two settings live, named in errors (``<key>.chunk_rows``, ``<key>.max_memory_gb``).
+
+    Raises:
+        ConfigError: ``chunk_rows`` is neither a positive number nor ``auto``, or one row does not fit.
+    """
+    check_chunk_rows(chunk_rows, max_memory_gb if chunk_rows == "auto" else None, key)
+    if isinstance(chunk_rows, int):
+        return chunk_rows
+    budget = budget_bytes(max_memory_gb, lm.device, f"{key}.max_memory_gb")
+    row = inference_row_bytes(ModelShape.of(lm), seq_len, targets)
+    rows = int(SAFETY * budget) // row
+    if rows < 1:
+        raise ConfigError(
+            f"{key}.chunk_rows=auto with {key}.max_memory_gb={budget / (1 << 30):.3g}: one row of {seq_len} "
+            f"tokens needs about {row / SAFETY / (1 << 30):.3g} GiB; raise {key}.max_memory_gb"
+        )
+    return rows

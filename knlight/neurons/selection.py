@@ -15,6 +15,7 @@ its spread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 
 from knlight.lm.prompts import EncodedQuery
 from knlight.neurons.interventions import Neuron, answer_log_probs, relative_change_from_log
+from knlight.neurons.memory import ChunkRows
 
 
 def coarse_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -174,14 +176,18 @@ class DegenerateResult:
 
 
 def _drops(
-    lm: Any, items: Sequence[EncodedQuery], sets: list[list[Neuron]], chunk_rows: int = 256
+    lm: Any,
+    items: Sequence[EncodedQuery],
+    sets: list[list[Neuron]],
+    chunk_rows: ChunkRows = 256,
+    max_memory_gb: float | None = None,
 ) -> torch.Tensor:
     """Mean relative drop of P(answer) over the items, for each neuron set (suppressed alone).
 
     Computed from log-probabilities (no underflow); items whose clean P(answer) is 0 are left out of the mean
     (NaN when every item is).
     """
-    log_p = answer_log_probs(lm, items, [[], *sets], factor=0.0, chunk_rows=chunk_rows)
+    log_p = answer_log_probs(lm, items, [[], *sets], 0.0, chunk_rows, max_memory_gb)
     drop = -relative_change_from_log(log_p[:, :1], log_p[:, 1:])
     return drop.nanmean(0).float()
 
@@ -194,7 +200,8 @@ def degenerate_neurons(
     t_high: float = 0.25,
     grow: bool = True,
     max_set_size: int = 4,
-    chunk_rows: int = 256,
+    chunk_rows: ChunkRows = 256,
+    max_memory_gb: float | None = None,
 ) -> DegenerateResult:
     """AMIG Algorithm 1 (pairs), plus greedy growth to larger sets.
 
@@ -209,17 +216,17 @@ def degenerate_neurons(
         t_high: A pair (set) is degenerate when suppressing it drops P by more than this.
         grow: Also search larger sets among candidates not in any pair.
         max_set_size: Largest set the greedy growth builds.
-        chunk_rows: Rows (query × neuron set) per forward.
+        chunk_rows: Rows (query × neuron set) per forward, or ``"auto"`` (planned from ``max_memory_gb``).
+        max_memory_gb: Budget of ``chunk_rows="auto"`` in GiB (None: 90 % of the device's free memory).
     """
     top = list(top)
+    drops = functools.partial(_drops, lm, items, chunk_rows=chunk_rows, max_memory_gb=max_memory_gb)
     # Singles first: only pairs of candidates can be degenerate, so the other pairs are never measured.
-    single_drops = _drops(lm, items, [[n] for n in top], chunk_rows)
+    single_drops = drops([[n] for n in top])
     single = {n: float(single_drops[i]) for i, n in enumerate(top)}
     candidates = [n for n in top if single[n] <= t_low]
     pair_list = list(itertools.combinations(candidates, 2))
-    pair_drops = (
-        _drops(lm, items, [list(pq) for pq in pair_list], chunk_rows) if pair_list else torch.zeros(0)
-    )
+    pair_drops = drops([list(pq) for pq in pair_list]) if pair_list else torch.zeros(0)
     pairs = [pq for k, pq in enumerate(pair_list) if float(pair_drops[k]) > t_high]
     sets: list[list[Neuron]] = []
     if grow:
@@ -231,21 +238,16 @@ def degenerate_neurons(
                 options = [n for n in pool if n not in chosen]
                 if not options:
                     break
-                trial = _drops(lm, items, [[*chosen, n] for n in options], chunk_rows)
+                trial = drops([[*chosen, n] for n in options])
                 best = int(trial.argmax())
                 chosen.append(options[best])
                 if float(trial[best]) > t_high:
                     break
-            joint = float(_drops(lm, items, [chosen], chunk_rows)[0])
+            joint = float(drops([chosen])[0])
             minimal = (
                 len(chosen) >= 3
                 and joint > t_high
-                and bool(
-                    (
-                        _drops(lm, items, [[m for m in chosen if m != x] for x in chosen], chunk_rows)
-                        <= t_high
-                    ).all()
-                )
+                and bool((drops([[m for m in chosen if m != x] for x in chosen]) <= t_high).all())
             )
             if minimal:
                 sets.append(chosen)

@@ -59,9 +59,10 @@ def read_run_file(folder: Path) -> dict[str, Any] | None:
     return value
 
 
-SETTINGS_ADDED_LATER: dict[str, Any] = {"hparams.method": "ig"}
+SETTINGS_ADDED_LATER: dict[str, Any] = {"hparams.method": "ig", "hparams.max_memory_gb": None}
 """Settings a newer knlight records, with the value that reproduces what a run from before they existed did: a
-``run.json`` without the key resumes only when this run has that value (exact IG before ``ig.method``)."""
+``run.json`` without the key resumes only when this run has that value (exact IG before ``ig.method``; fixed
+row chunks before the other tasks' ``max_memory_gb``)."""
 
 
 def changed_settings(previous: dict[str, Any], current: dict[str, Any], groups: Sequence[str]) -> list[str]:

@@ -38,6 +38,7 @@ from knlight.editing.scoring import Scorer
 from knlight.lm.options import LMOptions
 from knlight.metrics.editing import EditingMetrics, result_table, write_table
 from knlight.neurons.edits import NeuronEdit
+from knlight.neurons.memory import check_chunk_rows
 from knlight.tasks.base import BaseTask
 from knlight.tasks.editing_data import EditingDataModule
 from knlight.tasks.schedule import schedule_digest
@@ -85,7 +86,8 @@ class EditingModule(BaseTask):
             have been made on this model (its base weights at the edited neurons are compared).
         allow_other_model: Apply ``load_edit`` even when it was made on another model (a warning instead of
             an error).
-        chunk_rows: Sequences per forward in evaluation.
+        chunk_rows: Sequences per forward in evaluation, or ``auto``: as many as fit in ``max_memory_gb``.
+        max_memory_gb: Budget of ``chunk_rows: auto`` in GiB (null: 90 % of what the device has free).
         seed: Seed of the request choice, the random rule and the training schedule.
     """
 
@@ -109,11 +111,13 @@ class EditingModule(BaseTask):
         inject_unknown_in: Literal["edit_languages", "all"] = "all",
         load_edit: str | None = None,
         allow_other_model: bool = False,
-        chunk_rows: int = 64,
+        chunk_rows: int | Literal["auto"] = 64,
+        max_memory_gb: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(lm)
-        check_settings(mode, neuron_rule, baselines or [], chunk_rows, neurons, layers)
+        check_settings(mode, neuron_rule, baselines or [], neurons, layers)
+        check_chunk_rows(chunk_rows, max_memory_gb, "model.init_args")
         self.save_hyperparameters(ignore=["optimizer"])
         self.mode = mode
         self.neurons_path = neurons
@@ -129,6 +133,7 @@ class EditingModule(BaseTask):
         self.load_edit = load_edit
         self.allow_other_model = allow_other_model
         self.chunk_rows = chunk_rows
+        self.max_memory_gb = max_memory_gb
         self.seed = seed
         self.strict_loading = False  # checkpoints hold the deltas only (see on_save_checkpoint)
         self.edit: NeuronEdit | None = None
@@ -185,7 +190,7 @@ class EditingModule(BaseTask):
         trainer = self._trainer
         if trainer is not None:  # planning runs forwards (inject): do them on the run's device
             self.lm.model.to(trainer.strategy.root_device)  # type: ignore[arg-type]
-        self.scorer = Scorer(self.lm, self.chunk_rows)
+        self.scorer = Scorer(self.lm, self.chunk_rows, self.max_memory_gb)
         self.plan = self._plan()
         if self.mode != "enhance":
             self.edit = edit_training.prepare_edit(

@@ -55,6 +55,7 @@ from knlight.lm.options import LMOptions
 from knlight.lm.prompts import EncodedQuery
 from knlight.metrics.factcheck import ClaimScores, complete_thresholds, curve_figures, results_table
 from knlight.neurons.ig import IGOptions
+from knlight.neurons.memory import check_chunk_rows
 from knlight.neurons.neuron import Neuron
 from knlight.tasks.base import BaseTask
 from knlight.tasks.factcheck_data import FactCheckDataModule
@@ -93,7 +94,8 @@ class FactCheckModule(BaseTask):
         thresholds: Fixed thresholds per detector (falseness score; a claim is flagged false above it; for
             ``amig`` the threshold is −λ). Detectors without one get theirs from the validation split.
         l2: L2 penalty of the logistic regressions.
-        chunk_rows: Rows per forward of the DKN search.
+        chunk_rows: Rows per forward of the DKN search, or ``auto``: as many as fit in ``max_memory_gb``.
+        max_memory_gb: Budget of ``chunk_rows: auto`` in GiB (null: 90 % of what the device has free).
         output_dir: Where rank 0 writes the tables (default ``<log dir>/factcheck``).
     """
 
@@ -111,10 +113,12 @@ class FactCheckModule(BaseTask):
         neurons: str | None = None,
         thresholds: dict[str, float] | None = None,
         l2: float = 1e-2,
-        chunk_rows: int = 256,
+        chunk_rows: int | Literal["auto"] = 256,
+        max_memory_gb: float | None = None,
         output_dir: str | None = None,
     ) -> None:
         super().__init__(lm)
+        check_chunk_rows(chunk_rows, max_memory_gb, "model.init_args")
         self.detectors = list(detectors) if detectors is not None else list(DETECTORS)
         unknown = [d for d in self.detectors if d not in DETECTORS]
         if unknown or not self.detectors:
@@ -134,7 +138,7 @@ class FactCheckModule(BaseTask):
                 f"model.init_args.thresholds for unknown detectors {unknown}; choose among {', '.join(DETECTORS)}"
             )
         self.save_hyperparameters()
-        self.search = DKNSearch(ig, top_k, t_low, t_high, t, use_sets, fallback, chunk_rows)
+        self.search = DKNSearch(ig, top_k, t_low, t_high, t, use_sets, fallback, chunk_rows, max_memory_gb)
         self.neurons_path = neurons
         self.ig_options: dict[str, Any] = ig.kwargs()
         self.given_thresholds = dict(thresholds or {})

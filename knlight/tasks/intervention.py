@@ -53,6 +53,7 @@ from knlight.metrics.intervention import (
 )
 from knlight.neurons.intervention_plan import ItemPool, PlanOptions, Row, plan_item
 from knlight.neurons.interventions import intervene
+from knlight.neurons.memory import check_chunk_rows
 from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
 from knlight.tasks.base import BaseTask, ItemKey
 
@@ -97,7 +98,9 @@ class InterventionModule(BaseTask):
         cross_lingual: Also suppress each other language's neurons (and the LIKN) of the fact on this
             language's queries (methods with per-language sets only).
         seed: Seed of the unrelated samples and of the random neurons.
-        chunk_rows: Rows (query × neuron set) per forward; lower it when memory is short.
+        chunk_rows: Rows (query × neuron set) per forward; lower it when memory is short, or ``auto``: as
+            many as fit in ``max_memory_gb`` (planned per batch for its longest query).
+        max_memory_gb: Budget of ``chunk_rows: auto`` in GiB (null: 90 % of what the device has free).
         output_dir: Where rank 0 writes the tables (default: ``<log dir>/intervention``).
     """
 
@@ -112,10 +115,12 @@ class InterventionModule(BaseTask):
         random_control: bool = True,
         cross_lingual: bool = True,
         seed: int = 0,
-        chunk_rows: int = 256,
+        chunk_rows: int | Literal["auto"] = 256,
+        max_memory_gb: float | None = None,
         output_dir: str | None = None,
     ) -> None:
         super().__init__(lm)
+        check_chunk_rows(chunk_rows, max_memory_gb, "model.init_args")
         if not methods:
             raise ConfigError(
                 "model.init_args.methods is empty: InterventionModule needs at least one method, e.g. methods: "
@@ -145,6 +150,7 @@ class InterventionModule(BaseTask):
         self.cross_lingual = cross_lingual
         self.seed = seed
         self.chunk_rows = chunk_rows
+        self.max_memory_gb = max_memory_gb
         self.output_dir = output_dir
         self.rows = InterventionRows()
         self.files: dict[str, NeuronFile] = {}
@@ -264,7 +270,10 @@ class InterventionModule(BaseTask):
             queries, rows = self.plan(item)
             encoded = [self._encode(q) for q in queries]
             outcome = intervene(
-                self.lm, [(encoded[r.query], r.neurons, r.factor) for r in rows], chunk_rows=self.chunk_rows
+                self.lm,
+                [(encoded[r.query], r.neurons, r.factor) for r in rows],
+                chunk_rows=self.chunk_rows,
+                max_memory_gb=self.max_memory_gb,
             )
             lp, top1 = outcome.log_prob.tolist(), outcome.top1.tolist()
             # The first rows are the clean ones, one per query in query order: lp[q] is query q's clean value.
