@@ -132,12 +132,16 @@ def encoded_rows(lm: LanguageModel, sets_per_query: int) -> list[tuple[Any, list
 
 
 @pytest.mark.parametrize(("kind", "budget_mib"), [("gpt2", 2.0), ("bert", 4.0)])
-def test_auto_intervention_chunks_stay_within_a_small_budget(kind: str, budget_mib: float, one_thread: None) -> None:
+def test_auto_intervention_chunks_stay_within_a_small_budget(
+    kind: str, budget_mib: float, one_thread: None
+) -> None:
     """The other tasks' row chunking (interventions, the DKN search, edit scoring) plans from the same budget."""
     lm = small_lm(kind)
     rows = encoded_rows(lm, 100)
     budget = budget_mib * MIB
-    peak_auto, auto = peak_bytes(lambda: intervene(lm, rows, chunk_rows="auto", max_memory_gb=budget / (1 << 30)))
+    peak_auto, auto = peak_bytes(
+        lambda: intervene(lm, rows, chunk_rows="auto", max_memory_gb=budget / (1 << 30))
+    )
     peak_whole, whole = peak_bytes(lambda: intervene(lm, rows, chunk_rows=100_000))
     assert peak_auto <= budget, f"{kind}: measured peak {peak_auto / MIB:.2f} MiB > budget {budget_mib} MiB"
     assert peak_whole > budget, f"{kind}: one chunk peaks at {peak_whole / MIB:.2f} MiB; budget does not bind"
@@ -179,11 +183,17 @@ def test_the_other_tasks_check_their_chunk_settings() -> None:
     lm = LMOptions(model="tiny:gpt2")
     methods = {"dai": {"neurons": "neurons.json"}}
     assert InterventionModule(lm, methods=methods, chunk_rows="auto", max_memory_gb=1).max_memory_gb == 1
-    with pytest.raises(ConfigError, match=r"model\.init_args\.chunk_rows='lots': give a positive number, auto"):
+    with pytest.raises(
+        ConfigError, match=r"model\.init_args\.chunk_rows='lots': give a positive number, auto"
+    ):
         InterventionModule(lm, methods=methods, chunk_rows="lots")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"model\.init_args\.max_memory_gb=0: give a positive number of GiB"):
+    with pytest.raises(
+        ConfigError, match=r"model\.init_args\.max_memory_gb=0: give a positive number of GiB"
+    ):
         FactCheckModule(lm, chunk_rows="auto", max_memory_gb=0)
     with pytest.raises(ConfigError, match=r"set model\.init_args\.chunk_rows=auto"):
         EditingModule(lm, neurons="neurons.json", chunk_rows=8, max_memory_gb=1)
-    with pytest.raises(ConfigError, match=r"one row of \d+ tokens needs about .* raise model\.init_args\.max"):
+    with pytest.raises(
+        ConfigError, match=r"one row of \d+ tokens needs about .* raise model\.init_args\.max"
+    ):
         intervene(small_lm("gpt2"), encoded_rows(small_lm("gpt2"), 1), chunk_rows="auto", max_memory_gb=1e-6)
