@@ -8,6 +8,7 @@ timed() {  # timed <log name> <command...>
   local name=$1; shift
   mkdir -p "$E/logs"
   echo "\$ $*" > "$E/logs/$name.log"
+  echo "# $(date -u +%FT%TZ) OMP_NUM_THREADS=$OMP_NUM_THREADS $(git rev-parse --short HEAD 2>/dev/null)" >> "$E/logs/$name.log"
   /usr/bin/time -f "WALL %e s, max RSS %M KB" "$@" >> "$E/logs/$name.log" 2>&1 || echo "FAILED: $name (see $E/logs/$name.log)"
 }
 latest() { ls -d "$1"/version_* | sort -t_ -k2 -n | tail -1; }
