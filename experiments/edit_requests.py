@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from pathlib import Path
 
 from knlight.io import write_text_atomically
 from knlight.neurons.neuron_file import read_neuron_file
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--language", default="en")
     parser.add_argument("--rules", default="language_independent", help="comma-separated neuron kinds")
     parser.add_argument("--count", type=int, default=12)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     facts = read_neuron_file(args.neurons).facts
 
