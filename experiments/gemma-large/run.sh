@@ -14,7 +14,8 @@ mkdir -p $R
 [ -f $E/data/probe_ranks.json ] || { mkdir -p $E/data && cp experiments/gemma/data/probe_ranks.json $E/data/; }
 wants data && timed make_data python experiments/make_data.py --languages en,de,es,fr,it,ru,ja,zh-hans,ar,ko \
   --relations P36,P1376,P37,P30,P103,P27,P17,P364 \
-  --probe_facts 40 --min_known_languages 2 --facts 20 --max_relations 5 --unknown_facts 5 \
+  --probe_facts 40 --min_known_languages 2 --facts 10 --queries 1 --unknown_facts 5 \
+  --keep_relations P1376,P36,P37,P27,P30,P103 --keep_languages en,de,es,fr,it,ru,ja,zh-hans,ar,ko \
   --output $E/data/gemma_large.jsonl
 base=(--config configs/trainer/localize.yaml --config configs/localize/gemma3-270m.yaml --config $C/localize.yaml)
 wants localize && timed localize-zero knlight predict "${base[@]}"
