@@ -10,6 +10,7 @@ amplifying the language-independent neurons, and random neurons):
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import sys
@@ -190,6 +191,44 @@ def enhance_section(out: list[str], folder: Path) -> None:
     out += ["![enhancement per language](../enhance.png)", ""]
 
 
+def auroc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve (Mann-Whitney; ties count half); None without both classes."""
+    positive = [x for x, y in zip(scores, labels) if y]
+    negative = [x for x, y in zip(scores, labels) if not y]
+    if not positive or not negative:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def known_unknown_section(out: list[str], folder: Path) -> None:
+    """Fact-checking AUROC on claims about facts the model knows vs facts it knows in no language."""
+    claims = folder / "results" / "factcheck" / "test" / "claims.csv"
+    unknown_files = sorted((folder / "data").glob("*.unknown.jsonl"))
+    if not claims.exists() or not unknown_files:
+        return
+    unknown = {json.loads(line)["uuid"] for f in unknown_files for line in f.read_text().splitlines() if line}
+    with claims.open() as fh:
+        rows = list(csv.DictReader(fh))
+    detectors = [c.removeprefix("score_") for c in rows[0] if c.startswith("score_")]
+    groups = {"known facts": [r for r in rows if r["uuid"] not in unknown]}
+    groups["unknown facts"] = [r for r in rows if r["uuid"] in unknown]
+    out += [
+        "Fact-checking AUROC by whether the model knows the fact (unknown = known in none of the languages; "
+        "positive class = false claim):",
+        "",
+        "| detector | " + " | ".join(f"{g} ({len(r)} claims)" for g, r in groups.items()) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for detector in detectors:
+        cells = []
+        for group in groups.values():
+            value = auroc([float(r[f"score_{detector}"]) for r in group], [int(r["label"]) for r in group])
+            cells.append("–" if value is None else f"{value:.2f}")
+        out.append(f"| {detector} | " + " | ".join(cells) + " |")
+    out.append("")
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/gemma-large")
     results = folder / "results"
@@ -219,6 +258,7 @@ def main() -> None:
         title="## New-knowledge injection (facts unknown in every language, trained in en through relation LIKN)\n",
     )
     factcheck_section(out, results / "factcheck" / "test")
+    known_unknown_section(out, folder)
     results.mkdir(parents=True, exist_ok=True)
     (results / "tables.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     print("\n".join(out))
