@@ -145,9 +145,10 @@ def neurons_section(out: list[str], folder: Path, name: str, doc: dict[str, Any]
             ax.set_xlabel("layer")
         fig.suptitle(f"{doc['model']}: layers of the selected neurons ({len(facts)} facts)")
         fig.tight_layout()
-        fig.savefig(folder / "layers.png", dpi=100)
+        image = "layers.png" if name == "neurons.json" else f"layers-{name.removesuffix('.json')}.png"
+        fig.savefig(folder / image, dpi=100)
         plt.close(fig)
-        out += ["![layers of the selected neurons](../layers.png)", ""]
+        out += [f"![layers of the selected neurons](../{image})", ""]
 
 
 def enhance_section(out: list[str], folder: Path) -> None:

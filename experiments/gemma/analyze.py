@@ -228,8 +228,8 @@ def intervention_section(out: list[str], directory: Path) -> None:
             )
     out.append("")
     cross = directory / "cross_lingual.csv"
-    if cross.exists():
-        rows = read_csv(cross)
+    rows = read_csv(cross) if cross.exists() else []
+    if rows:  # a one-language run has no cross-lingual rows
         languages = list(dict.fromkeys(r["target"] for r in rows))
         out += [
             "### Cross-lingual suppression: neurons of the source language, ΔP on the same fact's target-language "
