@@ -263,20 +263,17 @@ def editing_section(out: list[str], directory: Path, title: str | None = None) -
         "Locality: share of held-out queries whose top-1 is unchanged / mean KL(edited ‖ unedited). "
         "`unedited` = before any edit; `direct` = Dai et al.'s training-free W_out edit of the same neurons.\n",
     ]
-    languages: list[str] = []
+    languages: list[str] | None = None
     for path in runs:
         rows = json.loads(path.read_text())["rows"]
         values = {(r["method"], r["role"], r["measure"], r["language"]): r["value"] for r in rows}
-        if not languages:
+        if languages is None:  # the header, once (a one-language run has no cross-lingual columns)
             languages = sorted(
                 {r["language"] for r in rows if r["role"] == "generality_cross" and r["language"] != "all"}
             )
-            out += [
-                "| neuron rule | #neurons | method | reliability (en) | other en rephrasing | "
-                + " | ".join(languages)
-                + " | locality |",
-                "|---|---|---|---|---|" + "---|" * len(languages) + "---|",
-            ]
+            columns = ["neuron rule", "#neurons", "method", "reliability (en)", "other en rephrasing"]
+            columns += [*languages, "locality"]
+            out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         size = json.loads(path.read_text()).get("num_neurons", "")
         for method in ("unedited", "edited", "direct"):
             if (method, "reliability", "top1", "all") not in values:
@@ -296,12 +293,9 @@ def editing_section(out: list[str], directory: Path, title: str | None = None) -
                 f"{fmt(values.get((method, 'locality', 'kl', 'all')), False)}"
             )
             rule = path.parent.name.removeprefix("edit-").removeprefix("inject-")
-            out.append(
-                f"| {rule} | {size} | {method} | {cell('reliability', 'all')} | "
-                f"{cell('generality_lang', 'all')} | "
-                + " | ".join(cell("generality_cross", lang) for lang in languages)
-                + f" | {locality} |"
-            )
+            cells = [rule, str(size), method, cell("reliability", "all"), cell("generality_lang", "all")]
+            cells += [*(cell("generality_cross", lang) for lang in languages), locality]
+            out.append("| " + " | ".join(cells) + " |")
     out.append("")
 
 
