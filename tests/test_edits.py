@@ -329,3 +329,14 @@ def test_save_is_atomic_with_normal_permissions(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert path.read_bytes() == before  # the previous edit is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.safetensors"]  # no temporary file left
+
+
+def test_the_identity_sketch_indexes_large_edits_in_range() -> None:
+    """A whole-FFN edit of SmolLM2-135M has 79,626,240 base values; float32 indices rounded past the end."""
+    from knlight.neurons.edit_files import evenly_spaced
+
+    for n in (79_626_240, 2**24 + 1, 65_537, 7):
+        index = evenly_spaced(n, min(n, 65_536))
+        assert int(index[0]) == 0 and int(index[-1]) == n - 1
+        assert bool((index[1:] > index[:-1]).all())
+    assert int(torch.linspace(0, 79_626_239, 65_536).round().long()[-1]) == 79_626_240  # the float32 bug

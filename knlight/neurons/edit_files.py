@@ -49,6 +49,12 @@ Slice = tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]
 """(base parameter, its neuron axis, neuron indices, delta laid out like the base slice)."""
 
 
+def evenly_spaced(n: int, k: int) -> torch.Tensor:
+    """``k`` evenly spaced indices into ``n`` items, first and last included (float64: in float32 the last
+    index of a large ``n``, e.g. a whole-FFN edit of a 135M model, rounds up past the end)."""
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
+
+
 class NeuronEditFiles(nn.Module):
     """Saving, loading and the base-weights identity of an edit; :class:`~knlight.neurons.edits.NeuronEdit`
     inherits them (the deltas and hooks live there)."""
@@ -96,7 +102,7 @@ class NeuronEditFiles(nn.Module):
                  for param, dim, idx, _ in self.weight_slices(model)]  # fmt: skip
         values = torch.cat(parts).to("cpu", torch.float64)
         if values.numel() > _SKETCH_VALUES:
-            values = values[torch.linspace(0, values.numel() - 1, _SKETCH_VALUES).round().long()]
+            values = values[evenly_spaced(values.numel(), _SKETCH_VALUES)]
         norm = float(values.norm())
         position = torch.arange(values.numel(), dtype=torch.float64)
         sketch = []
