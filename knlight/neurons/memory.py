@@ -156,9 +156,14 @@ def budget_bytes(
     setting in errors)."""
     if max_memory_gb is None:
         return int(0.9 * available_bytes(device))
+    check_budget(max_memory_gb, key)
+    return int(max_memory_gb * (1 << 30))
+
+
+def check_budget(max_memory_gb: object, key: str) -> None:
+    """Raises ConfigError unless ``max_memory_gb`` (the setting ``key``) is a positive number of GiB."""
     if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, int | float) or max_memory_gb <= 0:
         raise ConfigError(f"{key}={max_memory_gb!r}: give a positive number of GiB, or null")
-    return int(max_memory_gb * (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -266,8 +271,7 @@ def check_chunk_rows(chunk_rows: object, max_memory_gb: object, key: str, allow_
         )
     if max_memory_gb is None:
         return
-    if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, int | float) or max_memory_gb <= 0:
-        raise ConfigError(f"{key}.max_memory_gb={max_memory_gb!r}: give a positive number of GiB, or null")
+    check_budget(max_memory_gb, f"{key}.max_memory_gb")
     if chunk_rows != "auto":
         raise ConfigError(
             f"{key}.max_memory_gb={max_memory_gb} is the budget of {key}.chunk_rows=auto, but "
