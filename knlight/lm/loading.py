@@ -150,7 +150,10 @@ def load_lm(
         try:
             config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
             auto = AutoModelForMaskedLM if spec_for(config.model_type).masked else AutoModelForCausalLM
-            model = auto.from_pretrained(source, dtype=torch_dtype or torch.float32, **from_pretrained_kwargs)
+            # transformers >= 5.25 turns hub kernels on by default (None -> True), which fetches code from the
+            # hub at load time and fails without the `kernels` package; knlight never uses the network.
+            model_kwargs = {"use_kernels": False, **from_pretrained_kwargs}
+            model = auto.from_pretrained(source, dtype=torch_dtype or torch.float32, **model_kwargs)
         except OSError as error:
             raise _not_found(name, error) from None
         if tokenizer is None:

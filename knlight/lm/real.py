@@ -118,7 +118,9 @@ def model_folder(name: str) -> Path:
     gguf = gguf_path(name)
     log.info("converting %s once into %s (about a minute)", gguf.name, target)
     # transformers refuses to save a GGUF-loaded model; rebuild it from its config and copy the weights.
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(  # no hub kernels (transformers >= 5.25 turns them on)
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
