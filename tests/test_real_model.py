@@ -46,6 +46,7 @@ def test_loads_through_the_real_loading_code(name: str) -> None:
     assert lm.model.config.model_type == model_type
     assert (lm.num_layers, lm.d_ff) == (layers, d_ff)
     assert not lm.masked and lm.tokenizer.is_fast
+    assert not lm.model.use_kernels  # no hub kernels: transformers >= 5.25 turns them on unless told not to
     encoded = lm.encode("The capital of France is [Y].", "Paris")
     assert lm.tokenizer.decode([encoded.targets[0][1]]).strip() == "Paris"
     with torch.no_grad():
