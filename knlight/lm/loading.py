@@ -23,7 +23,7 @@ from transformers import (
 
 from knlight.errors import ConfigError, KnlightError
 from knlight.lm.model import LanguageModel
-from knlight.lm.real import NAMED_MODELS, model_folder
+from knlight.lm.real import NAMED_MODELS, NO_HUB_KERNELS, model_folder
 from knlight.lm.sites import spec_for
 
 _DTYPES = {
@@ -150,9 +150,7 @@ def load_lm(
         try:
             config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
             auto = AutoModelForMaskedLM if spec_for(config.model_type).masked else AutoModelForCausalLM
-            # transformers >= 5.25 turns hub kernels on by default (None -> True), which fetches code from the
-            # hub at load time and fails without the `kernels` package; knlight never uses the network.
-            model_kwargs = {"use_kernels": False, **from_pretrained_kwargs}
+            model_kwargs = {**NO_HUB_KERNELS, **from_pretrained_kwargs}
             model = auto.from_pretrained(source, dtype=torch_dtype or torch.float32, **model_kwargs)
         except OSError as error:
             raise _not_found(name, error) from None

@@ -26,6 +26,10 @@ import torch
 
 from knlight.errors import KnlightError
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""Keyword for every ``from_pretrained`` of a model: transformers >= 5.25 turns hub kernels on by default, which
+fetches code from the hub at load time (and fails without the ``kernels`` package); knlight never uses the network."""
+
 log = logging.getLogger(__name__)
 
 
@@ -118,8 +122,8 @@ def model_folder(name: str) -> Path:
     gguf = gguf_path(name)
     log.info("converting %s once into %s (about a minute)", gguf.name, target)
     # transformers refuses to save a GGUF-loaded model; rebuild it from its config and copy the weights.
-    loaded = AutoModelForCausalLM.from_pretrained(  # no hub kernels (transformers >= 5.25 turns them on)
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **NO_HUB_KERNELS
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
