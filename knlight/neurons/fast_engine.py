@@ -17,7 +17,8 @@ The fast engine:
   is a batched matmul and nothing is copied per row;
 * masks, positions and the other call arguments are re-indexed once per chunk and sliced per layer;
 * the LM head (and final norm) is applied only at the target rows, in sub-chunks of ``head_rows`` rows whose
-  gradient is taken at once, so the ``[rows, vocab]`` logits never exist for more than a sub-chunk;
+  gradient is taken at once; with a plain linear output embedding its gradient is written out over vocabulary
+  blocks (an online softmax, :mod:`knlight.neurons.head_grad`), so the ``[rows, vocab]`` logits never exist;
 * prompts of a batch share the sweep (padding, per-row target index); ``chunk_rows`` bounds memory
   (:mod:`knlight.neurons.memory` plans it from a budget).
 """
@@ -40,6 +41,7 @@ from knlight.lm.upstream import (
     upstream_error,
 )
 from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, map_tensors
+from knlight.neurons.head_grad import gold_log_prob_grad, head_input, output_linear
 from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
 from knlight.neurons.memory import ModelShape, budget_bytes, default_head_rows, fixed_chunks, plan_sweep
 
@@ -288,19 +290,33 @@ class FastEngine:
     def _head_grad(
         self, final: torch.Tensor, tokens: torch.Tensor, objective: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """F, log P(gold) and dF/d(final hidden) of every row, the head run in sub-chunks (the logits of one
-        at a time)."""
+        """F, log P(gold) and dF/d(final hidden) of every row, the head run in sub-chunks of ``head_rows``.
+
+        With a plain linear output embedding the head's gradient is written out in vocabulary blocks
+        (:mod:`knlight.neurons.head_grad`: no ``[rows, vocab]`` logits); else autograd through ``lm.head``.
+        """
         x = final.detach()
         values = torch.empty(len(x), dtype=torch.float32, device=x.device)
         log_probs = torch.empty_like(values)
         grads = torch.empty_like(x)
+        linear = output_linear(self.lm)
         for start in range(0, len(x), self.head_rows):
             part = slice(start, start + self.head_rows)
             xs = x[part].detach().requires_grad_(True)
             with torch.enable_grad():
-                log_p = gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part])
-                value = objective_value(log_p, objective)
-                (grads[part],) = torch.autograd.grad(value.sum(), xs)
+                if linear is None:
+                    log_p = gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part])
+                    value = objective_value(log_p, objective)
+                    (grads[part],) = torch.autograd.grad(value.sum(), xs)
+                else:
+                    z = head_input(self.lm, xs, linear)
+                    bias = None if linear.bias is None else linear.bias.detach()
+                    log_p, dlog_p = gold_log_prob_grad(
+                        z.detach(), linear.weight.detach(), bias, tokens[part], self.lm.sites.logit_softcap
+                    )
+                    value = objective_value(log_p, objective)
+                    dz = (dlog_p * value[:, None] if objective == "prob" else dlog_p).to(z.dtype)
+                    (grads[part],) = torch.autograd.grad(z, xs, dz) if z is not xs else (dz,)
             values[part] = value.detach()
             log_probs[part] = log_p.detach()
         return values, log_probs, grads

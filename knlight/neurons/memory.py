@@ -5,7 +5,8 @@ The fast engine's peak memory is what its sweep keeps for the backward pass, and
 * each *row* (one problem at one quadrature node) keeps, in every block it traverses, a few ``d_model``- and
   ``d_ff``-wide activations (one token for causal LMs, the whole sequence for masked LMs);
 * each causal *unit* (the m rows of one problem) keeps its copy of the clean keys/values and its mask rows;
-* the LM head keeps ``[head_rows, vocab]`` logits, softmax and their gradients (fp32) for one sub-chunk;
+* the LM head keeps ``[head_rows, vocab]`` logits, softmax and their gradients (fp32) for one sub-chunk, or with a
+  plain linear output embedding only ``[head_rows, block]`` of them (:mod:`knlight.neurons.head_grad`);
 * the clean pass keeps, for every layer, the block inputs and (causal) keys/values of the batch (and needs every
   layer's activations while it runs, before the sweep).
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from knlight.errors import ConfigError
+from knlight.neurons.head_grad import VOCAB_BLOCK, output_linear
 
 SAFETY = 0.8
 """Share of the budget the plan fills (allocator slack, Python temporaries)."""
@@ -55,6 +57,8 @@ class ModelShape:
         element_bytes: Bytes per parameter/activation element (4 fp32, 2 bf16/fp16).
         masked: Masked LM (rows are whole sequences) or causal (rows are single tokens).
         gated: The FFN is gated (a ``gate_proj``: Llama, Qwen, Gemma).
+        head_width: Logits the head holds per row at once: ``vocab``, or the vocabulary block of the blocked
+            head gradient (:mod:`knlight.neurons.head_grad`) when the output embedding is a plain linear.
     """
 
     layers: int
@@ -66,6 +70,7 @@ class ModelShape:
     element_bytes: int
     masked: bool
     gated: bool = False
+    head_width: int = 0
 
     @classmethod
     def of(cls, lm: Any) -> ModelShape:
@@ -88,6 +93,7 @@ class ModelShape:
             element_bytes=torch.empty(0, dtype=dtype).element_size(),
             masked=bool(lm.masked),
             gated=any("gate" in name for name, _ in lm.sites.blocks[0].named_modules()),
+            head_width=min(vocab, VOCAB_BLOCK) if output_linear(lm) is not None else vocab,
         )
 
     def row_block_bytes(self, seq_len: int) -> int:
@@ -119,8 +125,9 @@ class ModelShape:
         return keys + mask
 
     def head_row_bytes(self) -> int:
-        """Bytes one row of an LM-head sub-chunk needs (fp32 logits and their gradients)."""
-        return HEAD_V * self.vocab * 4 + self.vocab * self.element_bytes
+        """Bytes one row of an LM-head sub-chunk needs (fp32 logits and their gradients, the row's sums)."""
+        width = self.head_width or self.vocab
+        return HEAD_V * width * 4 + width * self.element_bytes + 4 * self.d_model * 4
 
     def clean_bytes(self, batch: int, seq_len: int) -> int:
         """Bytes the clean pass keeps for the sweep: per layer the block inputs and (causal) keys/values."""
@@ -183,7 +190,7 @@ class SweepPlan:
 
 def default_head_rows(shape: ModelShape) -> int:
     """Head sub-chunk rows without a budget: logits within :data:`DEFAULT_HEAD_BYTES`."""
-    return max(8, DEFAULT_HEAD_BYTES // (16 * shape.vocab))
+    return max(8, DEFAULT_HEAD_BYTES // (16 * (shape.head_width or shape.vocab)))
 
 
 def plan_sweep(
