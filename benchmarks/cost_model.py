@@ -25,6 +25,7 @@ torch's CPU memory profiler (live tensor bytes above the loaded model); both mus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -159,7 +160,12 @@ def method_peak_bytes(method: str, sh: Shape, seq_len: int, steps: int, element:
     head_row = kshape.head_row_bytes()
     if method in ("ig", "steps1_zero"):
         from knlight.neurons.fast_engine import DEFAULT_CHUNK_ROWS
+        from knlight.neurons.head_grad import VOCAB_BLOCK
         from knlight.neurons.memory import default_head_rows, fixed_chunks
+
+        # The fast engine's head holds one vocabulary block of logits per row (knlight/neurons/head_grad.py).
+        kshape = dataclasses.replace(kshape, head_width=min(sh.vocab, VOCAB_BLOCK))
+        head_row = kshape.head_row_bytes()
 
         rows = 1 if method == "steps1_zero" else m
         per_block = rows * kshape.row_block_bytes(S) + kshape.unit_block_bytes(S, rows)
