@@ -79,13 +79,16 @@ from knlight.selection import (
     UncertaintyOptions,
     select_fact,
 )
-from knlight.selection.options import CarrierOptions
+from knlight.selection.options import CarrierOptions, SpecificityOptions
+from knlight.selection.specificity import label_specificity
 
 log = logging.getLogger("benchmarks.planted")
 Neuron = tuple[int, int]
-METHODS = ("dai", "amig", "uncertainty", "carriers")
+METHODS = ("dai", "amig", "uncertainty", "carriers", "carriers_fact")
 DEFAULT_PLANT = {"direct_necessity": True, "plant_layers": [1, 2, 3]}
 """The benchmark's plants: carriers over layers 1-3 of 4, each writing the object itself (see PlantConfig)."""
+ARCH_PLANT: dict[str, dict[str, Any]] = {"bert": {"steps": 300}}
+"""Per architecture, what its plants add to ``--plant`` (BERT's post-norm plants need longer training)."""
 SCOPES = ("global", "per_layer")
 
 
@@ -222,6 +225,7 @@ def selections(
             likn[(method, "global")][uuid] = set(fact.language_independent)
             likn[(method, "per_layer")][uuid] = {n for f in per_layer for n in f.language_independent}
     zero = sources["zero"]
+    carrier_facts: dict[str, FactNeurons] = {}
     dense = memory_scores(planted, zero, owner)
     facts = by_fact(query_items(planted, zero, owner))
     for uuid, per_language in facts.items():
@@ -250,6 +254,21 @@ def selections(
         for scope in SCOPES:
             sets = {language: chosen[("carriers", scope)][(uuid, language)] for language in per_language}
             likn[("carriers", scope)][uuid] = likn_of(sets, dims)
+        carrier_facts[uuid] = fact
+    # carriers_fact: the carriers the shipped specificity labels (counting rule) call fact-specific.
+    label_specificity(carrier_facts, SpecificityOptions())
+    for uuid, fact in carrier_facts.items():
+        labels = fact.specificity or {}
+        for language, carriers in (fact.carriers or {}).items():
+            own = {n for n in carriers if labels[n].label == "fact"}
+            for scope in SCOPES:
+                chosen[("carriers_fact", scope)][(uuid, language)] = own
+        for scope in SCOPES:
+            sets = {
+                language: chosen[("carriers_fact", scope)][(uuid, language)]
+                for language in fact.carriers or {}
+            }
+            likn[("carriers_fact", scope)][uuid] = likn_of(sets, dims)
     return chosen, likn
 
 
@@ -655,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.seeds = sorted({run["seed"] for run in runs})
     for arch in args.archs if not args.merge else []:
         for seed in args.seeds:
-            planted = plant(arch, seed, **args.plant)
+            planted = plant(arch, seed, **{**ARCH_PLANT.get(arch, {}), **args.plant})
             if args.save_dir is not None:
                 planted.save(args.save_dir / f"{arch}-{seed}")
             metrics = evaluate(
@@ -669,13 +688,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             runs.append({"arch": arch, "seed": seed, "plant": planted.report, **metrics})
             log.info(
-                "%s seed %d: dai global P %.2f R %.2f, carriers global P %.2f R %.2f, DKN recall %.2f (%.0fs)",
+                "%s seed %d: dai global P %.2f R %.2f, carriers global P %.2f R %.2f (fact-specific P %.2f R %.2f), "
+                "DKN recall %.2f (%.0fs)",
                 arch,
                 seed,
                 metrics["localisation"]["dai/global"]["precision"],
                 metrics["localisation"]["dai/global"]["recall"],
                 metrics["localisation"]["carriers/global"]["precision"],
                 metrics["localisation"]["carriers/global"]["recall"],
+                metrics["localisation"]["carriers_fact/global"]["precision"],
+                metrics["localisation"]["carriers_fact/global"]["recall"],
                 metrics["dkn"]["amig"]["pair_recall"],
                 time.perf_counter() - start,
             )

@@ -166,12 +166,12 @@ def direct_effects(
     return out
 
 
-def linear_direct_effects(lm: Any, query: EncodedQuery) -> torch.Tensor:
-    """Linearised direct effects of every neuron of the model on one query.
+def direct_path_grads(lm: Any, query: EncodedQuery) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, ``∂ log P / ∂ y_l`` at the query's target positions with every sublayer output held constant.
 
     Returns:
-        ``[num_layers, d_ff]`` ``Σ_t a_{l,t,i} · W_out[:, i] · ∂ log P / ∂ y_{l,t}`` with every sublayer output
-        held constant (the gradient flows through the residual stream and its norms only), in nats.
+        Per layer the ``[T, d_model]`` gradient (the direction a write to the FFN output moves the answer along
+        the residual stream and its norms only) and the ``[T, d_ff]`` FFN activations at the targets.
     """
     attn_modules = attention_outputs(lm)
     leaves: list[torch.Tensor] = []
@@ -189,11 +189,21 @@ def linear_direct_effects(lm: Any, query: EncodedQuery) -> torch.Tensor:
         log_p = _log_prob(lm, query, 1)[0]
         grads = torch.autograd.grad(log_p, leaves)
     positions = torch.tensor([p for p, _ in query.targets])
-    rows = []
-    for layer in range(lm.num_layers):
-        g = grads[layer][0, positions].float()  # [T, d_model]
-        per_unit = g @ _columns(lm, layer).float()  # [T, d_ff]: W_out[:, i] · g_t
-        rows.append((acts[layer][0, positions].float() * per_unit).sum(0))
+    return [g[0, positions].float() for g in grads], [a[0, positions].float() for a in acts]
+
+
+def linear_direct_effects(lm: Any, query: EncodedQuery) -> torch.Tensor:
+    """Linearised direct effects of every neuron of the model on one query.
+
+    Returns:
+        ``[num_layers, d_ff]`` ``Σ_t a_{l,t,i} · W_out[:, i] · ∂ log P / ∂ y_{l,t}`` with every sublayer output
+        held constant (the gradient flows through the residual stream and its norms only), in nats.
+    """
+    grads, acts = direct_path_grads(lm, query)
+    # Per neuron W_out[:, i] · g_t, weighted by its activation a_t and summed over the targets.
+    rows = [
+        (acts[layer] * (grads[layer] @ _columns(lm, layer).float())).sum(0) for layer in range(lm.num_layers)
+    ]
     return torch.stack(rows).cpu()
 
 

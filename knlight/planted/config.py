@@ -77,6 +77,12 @@ class PlantConfig:
     later sublayer (each block's attention and FFN output above the carrier's layer) is held at the full pass's
     value, so the carrier must write the object itself (its drop reaches the head only through the residual
     stream and its norms) instead of acting through later layers. Plants for the ``carriers`` selection."""
+    carrier_direction: str = "auto"
+    """Where a carrier's W_out column starts: ``embedding`` (its object's output embedding), ``head_gradient``
+    (the mean over its queries of ∂ log P(object) / ∂ FFN output along the residual stream, later sublayers held
+    constant: the direction of the largest direct effect) or ``auto`` (``head_gradient`` when the LM head applies
+    a transform before the output embedding, as BERT's does, so the embedding is not the direction that raises
+    the object; else ``embedding``). Distractors start orthogonal to every carrier direction."""
     off_weight: float = 3.0
     """Weight of the off-target activation penalty."""
     fire_weight: float = 1.0

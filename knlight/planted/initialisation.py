@@ -2,8 +2,9 @@
 
 W_in rows come from a logistic probe that separates each planted neuron's *on* states (the FFN input at the
 target position of its own queries) from every other state, scaled so that the neuron fires there (gated MLPs:
-the up row along the mean *on* state); carriers' W_out columns point along their object's output embedding,
-distractors' along a random direction orthogonal to every object's, all with the norm of an ordinary column.
+the up row along the mean *on* state); carriers' W_out columns point along their object's output embedding
+(or, when the head transforms before it, along the direct-path gradient of log P(object): ``carrier_direction``),
+distractors' along a random direction orthogonal to every carrier's, all with the norm of an ordinary column.
 Pure torch, no Lightning.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from knlight.lm.sites import neuron_columns, neuron_rows
+from knlight.neurons.direct_effect import direct_path_grads
 from knlight.planted.build import Planter
 
 
@@ -73,6 +75,49 @@ def _ffn_inputs(planter: Planter) -> dict[int, torch.Tensor]:
     return store
 
 
+def carrier_direction_mode(planter: Planter) -> str:
+    """The resolved :attr:`PlantConfig.carrier_direction` (``auto``: by whether the head has a transform)."""
+    mode = planter.config.carrier_direction
+    if mode == "auto":
+        plain = planter.sites.head is planter.model.get_output_embeddings()
+        return "embedding" if plain else "head_gradient"
+    if mode not in ("embedding", "head_gradient"):
+        raise ValueError(f"carrier_direction must be auto, embedding or head_gradient, not {mode!r}")
+    return mode
+
+
+def _orthonormal(vectors: torch.Tensor) -> torch.Tensor:
+    """``[d, r]`` orthonormal basis of the span of ``vectors`` ``[n, d]``."""
+    u, s, _ = torch.linalg.svd(vectors.T, full_matrices=False)
+    return u[:, s > s.max() * 1e-5]
+
+
+def _output_directions(planter: Planter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per carrier its starting direction and per distractor the ``[d, r]`` basis it starts orthogonal to
+    (keys: positions in ``planter.neurons``; float32)."""
+    emb = planter.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
+    carriers = [k for k, n in enumerate(planter.neurons) if n.carrier]
+    distractors = [k for k, n in enumerate(planter.neurons) if not n.carrier]
+    if carrier_direction_mode(planter) == "embedding":
+        obj_of = {r["uuid"]: planter.tokenizer.convert_tokens_to_ids(r["object"]) for r in planter.records}
+        objects = sorted({r["object"] for r in planter.records})
+        obj_ids = torch.tensor(planter.tokenizer.convert_tokens_to_ids(objects))
+        q, _ = torch.linalg.qr(emb[obj_ids].T.float())  # orthonormal basis of the objects' output embeddings
+        directions = {k: emb[obj_of[planter.neurons[k].uuid]].float() for k in carriers}
+        return directions, dict.fromkeys(distractors, q)
+    # head_gradient: per query row and layer, the direct-path gradient of log P(object) w.r.t. the FFN output.
+    b = planter.batch
+    grads = [direct_path_grads(planter.lm, item)[0] for item in b.encoded]  # [row][layer] -> [T, d]
+
+    directions = {}
+    for k in carriers:
+        n = planter.neurons[k]
+        rows = [r for r, (uuid, lang) in enumerate(b.query_key) if uuid == n.uuid and lang in n.languages]
+        directions[k] = torch.stack([grads[r][n.layer].sum(0) for r in rows]).mean(0)
+    q = _orthonormal(torch.stack(list(directions.values())))
+    return directions, dict.fromkeys(distractors, q)
+
+
 @torch.no_grad()
 def initialise(planter: Planter) -> None:
     """W_in from a probe (fires at its own targets); W_out along the object (carriers) or orthogonal.
@@ -82,11 +127,7 @@ def initialise(planter: Planter) -> None:
     cfg = planter.config
     valid = planter.batch.attention.bool()
     inputs = _ffn_inputs(planter)
-    emb = planter.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
-    objects = sorted({r["object"] for r in planter.records})
-    obj_ids = torch.tensor(planter.tokenizer.convert_tokens_to_ids(objects))
-    q, _ = torch.linalg.qr(emb[obj_ids].T.float())  # orthonormal basis of the objects' output embeddings
-    obj_of = {r["uuid"]: planter.tokenizer.convert_tokens_to_ids(r["object"]) for r in planter.records}
+    carrier_directions, avoid = _output_directions(planter)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     conv1d = planter.sites.spec.conv1d
     for layer, members in planter.by_layer.items():
@@ -122,8 +163,9 @@ def initialise(planter: Planter) -> None:
         for k in members:
             neuron = planter.neurons[k]
             if neuron.carrier:
-                direction = emb[obj_of[neuron.uuid]].float()
+                direction = carrier_directions[k]
             else:
                 direction = torch.randn(cols.shape[0], generator=gen)
+                q = avoid[k]
                 direction = direction - q @ (q.T @ direction)
             cols[:, neuron.index] = direction / direction.norm().clamp_min(1e-6) * typical
