@@ -87,7 +87,7 @@ Neuron = tuple[int, int]
 METHODS = ("dai", "amig", "uncertainty", "carriers", "carriers_fact")
 DEFAULT_PLANT = {"direct_necessity": True, "plant_layers": [1, 2, 3]}
 """The benchmark's plants: carriers over layers 1-3 of 4, each writing the object itself (see PlantConfig)."""
-ARCH_PLANT: dict[str, dict[str, Any]] = {"bert": {"steps": 300}}
+ARCH_PLANT: dict[str, dict[str, Any]] = {"bert": {"steps": 600}}
 """Per architecture, what its plants add to ``--plant`` (BERT's post-norm plants need longer training)."""
 SCOPES = ("global", "per_layer")
 

@@ -201,6 +201,8 @@ def test_other_architectures_plant(model_type: str) -> None:
     assert report["p_clean"] > 0.6, report
     assert report["p_suppressed"] < 0.1, report
     assert report["degenerate_both_mean"] < 0.3 < report["degenerate_single_min"], report
+    assert report["carrier_direct_min"] <= report["carrier_direct_mean"], report
+    assert 0.0 <= report["carrier_direct_share"] <= 1.0, report
 
 
 @pytest.mark.parametrize(("model_type", "expected"), [("gpt2", "embedding"), ("bert", "head_gradient")])

@@ -11,6 +11,7 @@ import torch
 from knlight.lm import LanguageModel
 from knlight.lm.hooks import capture_activations
 from knlight.lm.prompts import EncodedQuery
+from knlight.neurons.direct_effect import direct_effects
 from knlight.neurons.interventions import answer_log_probs
 from knlight.planted.build import Planter
 from knlight.planted.config import KINDS
@@ -37,12 +38,16 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
         member, relative to clean, mean and min over members and records); ``degenerate_both`` (relative,
         mean and max); ``carrier_single`` (P after suppressing one carrier of a standard fact, relative to
         clean, mean and max);
+        ``carrier_direct`` (each standard carrier's direct effect on its record's answer — its write removed,
+        later sublayers held clean, mean over the queries, in nats: mean, min and the share ≥ 0.1 nats; a carrier
+        that writes nothing directly acts through later layers, which no direct-effect selection can recover);
         ``distractor_effect`` (mean |ΔP|/P when a fact's distractors are suppressed); ``off_target_max``
         (largest |h| of a planted neuron away from its own targets, over queries and background) and
         ``on_target_min`` (smallest activation at its own targets).
     """
     lm = planted.lm
     p_clean, p_all, p_carry, single, both, distractor, necessary = [], [], [], [], [], [], []
+    direct: list[float] = []
     for rec in planted.records:
         items = [lm.encode(q, rec["object"]) for q in rec["queries"]]
         own = planted.neurons_for(rec["uuid"], rec["language"], KINDS)
@@ -57,6 +62,8 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
             sets += [[deg[0]], [deg[1]], deg]
         sets += [[c] for c in standard]
         p = answer_probs(lm, items, sets)  # [Q, S]
+        if standard:
+            direct += direct_effects(lm, items, standard).mean(0).tolist()
         first = 7 if deg else 4
         necessary += [(p[:, first + j] / p[:, 0]).mean() for j in range(len(standard))]
         p_clean.append(p[:, 0])
@@ -90,6 +97,13 @@ def verify_plant(planted: PlantedModel, p_before: torch.Tensor | None = None) ->
     if necessary:
         t = torch.stack(necessary)
         report.update(carrier_single_mean=float(t.mean()), carrier_single_max=float(t.max()))
+    if direct:
+        d = torch.tensor(direct)
+        report.update(
+            carrier_direct_mean=float(d.mean()),
+            carrier_direct_min=float(d.min()),
+            carrier_direct_share=float((d >= 0.1).float().mean()),
+        )
     return report
 
 
