@@ -17,7 +17,11 @@ distractor (fires on its queries, writes nothing about the object). Then, per (f
 * **carriers**: ``knlight select --carriers.enabled true``'s set: the record's Dai neurons and its top-20 by
   mean normalised zero-baseline IG, kept when their direct effect on log P(object) (their own write removed,
   later sublayers clean; exact patched forwards) is >= 0.1 · the record's largest and >= 0.005 nats (the
-  defaults of ``CarrierOptions``).
+  defaults of ``CarrierOptions``);
+* **carriers_fact**: those carriers that the shipped specificity labels (counting rule,
+  ``knlight.selection.specificity``) call ``fact``-specific.
+
+BERT plants train longer (:data:`ARCH_PLANT`).
 
 Each method is scored **globally** (threshold against the maximum over all layers, compared with the
 record's carriers in all layers) and **per layer** (threshold against each layer's own maximum, scored only
