@@ -92,30 +92,26 @@ def _orthonormal(vectors: torch.Tensor) -> torch.Tensor:
     return u[:, s > s.max() * 1e-5]
 
 
-def _output_directions(planter: Planter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per carrier its starting direction and per distractor the ``[d, r]`` basis it starts orthogonal to
-    (keys: positions in ``planter.neurons``; float32)."""
+def _output_directions(planter: Planter) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per carrier (position in ``planter.neurons``) its float32 starting direction, and the ``[d, r]``
+    orthonormal basis distractors start orthogonal to."""
     emb = planter.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
     carriers = [k for k, n in enumerate(planter.neurons) if n.carrier]
-    distractors = [k for k, n in enumerate(planter.neurons) if not n.carrier]
     if carrier_direction_mode(planter) == "embedding":
         obj_of = {r["uuid"]: planter.tokenizer.convert_tokens_to_ids(r["object"]) for r in planter.records}
         objects = sorted({r["object"] for r in planter.records})
         obj_ids = torch.tensor(planter.tokenizer.convert_tokens_to_ids(objects))
         q, _ = torch.linalg.qr(emb[obj_ids].T.float())  # orthonormal basis of the objects' output embeddings
-        directions = {k: emb[obj_of[planter.neurons[k].uuid]].float() for k in carriers}
-        return directions, dict.fromkeys(distractors, q)
+        return {k: emb[obj_of[planter.neurons[k].uuid]].float() for k in carriers}, q
     # head_gradient: per query row and layer, the direct-path gradient of log P(object) w.r.t. the FFN output.
     b = planter.batch
     grads = [direct_path_grads(planter.lm, item)[0] for item in b.encoded]  # [row][layer] -> [T, d]
-
     directions = {}
     for k in carriers:
         n = planter.neurons[k]
         rows = [r for r, (uuid, lang) in enumerate(b.query_key) if uuid == n.uuid and lang in n.languages]
         directions[k] = torch.stack([grads[r][n.layer].sum(0) for r in rows]).mean(0)
-    q = _orthonormal(torch.stack(list(directions.values())))
-    return directions, dict.fromkeys(distractors, q)
+    return directions, _orthonormal(torch.stack(list(directions.values())))
 
 
 @torch.no_grad()
@@ -127,7 +123,7 @@ def initialise(planter: Planter) -> None:
     cfg = planter.config
     valid = planter.batch.attention.bool()
     inputs = _ffn_inputs(planter)
-    carrier_directions, avoid = _output_directions(planter)
+    carrier_directions, q = _output_directions(planter)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     conv1d = planter.sites.spec.conv1d
     for layer, members in planter.by_layer.items():
@@ -166,6 +162,5 @@ def initialise(planter: Planter) -> None:
                 direction = carrier_directions[k]
             else:
                 direction = torch.randn(cols.shape[0], generator=gen)
-                q = avoid[k]
                 direction = direction - q @ (q.T @ direction)
             cols[:, neuron.index] = direction / direction.norm().clamp_min(1e-6) * typical
