@@ -61,3 +61,25 @@ def test_head_input_is_what_the_output_linear_sees(model_type: str) -> None:
     hidden = torch.randn(3, lm.model.config.hidden_size)
     z = head_input(lm, hidden, linear)
     torch.testing.assert_close(linear(z), lm.head(hidden, final_norm=True))
+
+
+def test_large_vocabulary_normaliser_is_accurate() -> None:
+    """A 262,144-token vocabulary (Gemma 3): the blocked head and ``gold_log_probs`` (float64 normaliser) stay
+    within 1e-6 of a float64 log-softmax; a plain float32 log-softmax is the baseline they must not lose to."""
+    from knlight.neurons.ig import gold_log_probs
+
+    gen = torch.Generator().manual_seed(1)
+    rows, d, vocab = 3, 8, 262_144
+    z = torch.randn(rows, d, generator=gen) * 2
+    weight = torch.randn(vocab, d, generator=gen)
+    tokens = torch.randint(0, vocab, (rows,), generator=gen)
+    want, want_grad = autograd_reference(z, weight, None, tokens, None)
+    logits = z @ weight.T
+    plain = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0].double()
+    careful = gold_log_probs(logits, tokens).double()
+    blocked, grad = gold_log_prob_grad(z, weight, None, tokens)
+    logits_error = float((logits.double() - z.double() @ weight.double().T).abs().max())
+    assert float((careful - want).abs().max()) <= max(1e-6, 2 * logits_error)
+    assert float((blocked.double() - want).abs().max()) <= max(1e-6, 2 * logits_error)
+    assert float((careful - want).abs().max()) <= float((plain - want).abs().max()) + 1e-7
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-5)

@@ -40,9 +40,8 @@ from knlight.lm.upstream import (
     last_hidden_state,
     upstream_error,
 )
-from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, map_tensors
-from knlight.neurons.head_grad import gold_log_prob_grad, head_input, output_linear
-from knlight.neurons.ig import CleanPass, Problems, gold_log_probs, objective_value
+from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, head_value_grad, map_tensors
+from knlight.neurons.ig import CleanPass, Problems, gold_log_probs
 from knlight.neurons.memory import ModelShape, budget_bytes, default_head_rows, fixed_chunks, plan_sweep
 
 _Rows = Rows  # the name tests patch to simulate a replay that ignores the model's mask
@@ -280,46 +279,12 @@ class FastEngine:
         else:
             final = hidden[torch.arange(len(unit_seq), device=device), unit_pos.to(device)]
         tokens = problems.token[chunk].repeat_interleave(m).to(device)
-        value, log_p, final_grad = self._head_grad(final, tokens, objective)
+        value, log_p, final_grad = head_value_grad(lm, final, tokens, objective, self.head_rows)
         grads = torch.autograd.grad(final, leaves, grad_outputs=final_grad)
         grad = torch.cat(grads).float().cpu().reshape(len(chunk), m, -1)
         grad_sum = (node_w.float()[None, :, None] * grad).sum(1)
         shape = (len(chunk), m)
         return grad_sum, value.float().cpu().reshape(shape), log_p.float().cpu().reshape(shape)
-
-    def _head_grad(
-        self, final: torch.Tensor, tokens: torch.Tensor, objective: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """F, log P(gold) and dF/d(final hidden) of every row, the head run in sub-chunks of ``head_rows``.
-
-        With a plain linear output embedding the head's gradient is written out in vocabulary blocks
-        (:mod:`knlight.neurons.head_grad`: no ``[rows, vocab]`` logits); else autograd through ``lm.head``.
-        """
-        x = final.detach()
-        values = torch.empty(len(x), dtype=torch.float32, device=x.device)
-        log_probs = torch.empty_like(values)
-        grads = torch.empty_like(x)
-        linear = output_linear(self.lm)
-        for start in range(0, len(x), self.head_rows):
-            part = slice(start, start + self.head_rows)
-            xs = x[part].detach().requires_grad_(True)
-            with torch.enable_grad():
-                if linear is None:
-                    log_p = gold_log_probs(self.lm.head(xs, final_norm=True), tokens[part])
-                    value = objective_value(log_p, objective)
-                    (grads[part],) = torch.autograd.grad(value.sum(), xs)
-                else:
-                    z = head_input(self.lm, xs, linear)
-                    bias = None if linear.bias is None else linear.bias.detach()
-                    log_p, dlog_p = gold_log_prob_grad(
-                        z.detach(), linear.weight.detach(), bias, tokens[part], self.lm.sites.logit_softcap
-                    )
-                    value = objective_value(log_p, objective)
-                    dz = (dlog_p * value[:, None] if objective == "prob" else dlog_p).to(z.dtype)
-                    (grads[part],) = torch.autograd.grad(z, xs, dz) if z is not xs else (dz,)
-            values[part] = value.detach()
-            log_probs[part] = log_p.detach()
-        return values, log_probs, grads
 
 
 class _ChunkArgs:

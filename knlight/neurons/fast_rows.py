@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from knlight.lm.upstream import upstream_error
+from knlight.neurons.head_grad import gold_log_prob_grad, head_input, output_linear
+from knlight.neurons.ig import gold_log_probs, objective_value
 
 
 def map_tensors(obj: Any, fn: Any) -> Any:
@@ -156,3 +158,38 @@ class Rows:
 
     def block_device(self) -> torch.device:
         return next(self.block.parameters()).device
+
+
+def head_value_grad(
+    lm: Any, final: torch.Tensor, tokens: torch.Tensor, objective: str, head_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F, log P(gold) and dF/d(final hidden) of every row, the LM head run in sub-chunks of ``head_rows``.
+
+    With a plain linear output embedding the head's gradient is written out in vocabulary blocks
+    (:mod:`knlight.neurons.head_grad`: no ``[rows, vocab]`` logits); else autograd through ``lm.head``.
+    """
+    x = final.detach()
+    values = torch.empty(len(x), dtype=torch.float32, device=x.device)
+    log_probs = torch.empty_like(values)
+    grads = torch.empty_like(x)
+    linear = output_linear(lm)
+    for start in range(0, len(x), head_rows):
+        part = slice(start, start + head_rows)
+        xs = x[part].detach().requires_grad_(True)
+        with torch.enable_grad():
+            if linear is None:
+                log_p = gold_log_probs(lm.head(xs, final_norm=True), tokens[part])
+                value = objective_value(log_p, objective)
+                (grads[part],) = torch.autograd.grad(value.sum(), xs)
+            else:
+                z = head_input(lm, xs, linear)
+                bias = None if linear.bias is None else linear.bias.detach()
+                log_p, dlog_p = gold_log_prob_grad(
+                    z.detach(), linear.weight.detach(), bias, tokens[part], lm.sites.logit_softcap
+                )
+                value = objective_value(log_p, objective)
+                dz = (dlog_p * value[:, None] if objective == "prob" else dlog_p).to(z.dtype)
+                (grads[part],) = torch.autograd.grad(z, xs, dz) if z is not xs else (dz,)
+        values[part] = value.detach()
+        log_probs[part] = log_p.detach()
+    return values, log_probs, grads

@@ -179,4 +179,6 @@ class IGOptions:
 
 
 def gold_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+    """log P(gold) per row (float32), the normaliser summed in float64: over a 262k-token vocabulary a float32
+    log-softmax loses ~1e-4 of the gradient (measured on Gemma 3 270M against a float64 model)."""
+    return torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0].float()
