@@ -678,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.seeds = sorted({run["seed"] for run in runs})
     for arch in args.archs if not args.merge else []:
         for seed in args.seeds:
-            planted = plant(arch, seed, **{**ARCH_PLANT.get(arch, {}), **args.plant})
+            overrides = {**ARCH_PLANT.get(arch, {}), **args.plant}
+            planted = plant(arch, seed, **overrides)
             if args.save_dir is not None:
                 planted.save(args.save_dir / f"{arch}-{seed}")
             metrics = evaluate(
@@ -690,7 +691,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 top_k=args.top_k,
                 dkn_sources=args.dkn_sources,
             )
-            runs.append({"arch": arch, "seed": seed, "plant": planted.report, **metrics})
+            runs.append(
+                {"arch": arch, "seed": seed, "plant_overrides": overrides, "plant": planted.report, **metrics}
+            )
             log.info(
                 "%s seed %d: dai global P %.2f R %.2f, carriers global P %.2f R %.2f (fact-specific P %.2f R %.2f), "
                 "DKN recall %.2f (%.0fs)",
@@ -729,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             k: ([str(x) for x in v] if k == "merge" and v else str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
         },
+        "arch_plant": ARCH_PLANT,  # what each architecture's plants add to --plant (recorded: not a flag)
         "seconds": seconds,
         "compute_seconds": sum(part["seconds"] for part in parts) if parts else seconds,
         "parts": [{"args": part["args"], "seconds": part["seconds"]} for part in parts],
