@@ -15,9 +15,10 @@ distractor (fires on its queries, writes nothing about the object). Then, per (f
 * **uncertainty**: knlight's MATRICE-style lower confidence bound across the record's queries
   (``uncertainty_scores``, κ = 1) on zero-baseline IG, selected by ``LCB > τ·max LCB``;
 * **carriers**: ``knlight select --carriers.enabled true``'s set: the record's Dai neurons and its top-20 by
-  mean normalised zero-baseline IG, kept when their direct effect on log P(object) (their own write removed,
-  later sublayers clean; exact patched forwards) is >= 0.1 · the record's largest and >= 0.005 nats (the
-  defaults of ``CarrierOptions``);
+  mean normalised zero-baseline IG, kept when their carrier score — the larger of the direct effect on log
+  P(object) (their own write removed, later sublayers clean; exact patched forwards) and the sufficiency (their
+  write alone over the state without every candidate's write) — is >= 0.25 · the record's largest and >= 0.005
+  nats (the defaults of ``CarrierOptions``);
 * **carriers_fact**: those carriers that the shipped specificity labels (counting rule,
   ``knlight.selection.specificity``) call ``fact``-specific.
 
@@ -204,8 +205,8 @@ def selections(
     language), LIKN over the languages' sets; uncertainty_xling: its set on the fact's queries in every language.
     Per layer, the uncertainty bounds (``uncertainty_scores``) are thresholded against each layer's maximum.
     carriers: ``select_fact``'s ``carriers`` per language (candidates: the Dai neurons and the top-20 by mean
-    normalised zero-baseline IG; kept when their direct effect is >= 0.1 · the largest and >= 0.005 nats); it
-    takes no τ·max, so its per-layer view scores the same set in the carrier layers.
+    normalised zero-baseline IG; kept when the larger of their direct effect and sufficiency is >= 0.25 · the
+    largest and >= 0.005 nats); it takes no τ·max, so its per-layer view scores the same set in the carrier layers.
     """
     lm = planted.lm
     dims = (lm.num_layers, lm.d_ff)
@@ -587,7 +588,8 @@ def table(summaries: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int
     lines += ["", "Localisation vs the carriers of each (fact, language) record. "
               "global: τ·max over all layers; "
               "per-layer: τ·max of each layer, scored in the record's carrier layers (oracle-assisted); "
-              "carriers: direct effect (no τ·max; its per-layer view is the same set in the carrier layers)"]
+              "carriers: direct effect or sufficiency "
+              "(no τ·max; its per-layer view is the same set in the carrier layers)"]
     lines += _rows(summaries, [
         ("method", "", 0), ("arch", "", 0),
         ("global P", "loc.{m}/global.precision", 2), ("global R", "loc.{m}/global.recall", 2),

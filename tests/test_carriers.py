@@ -20,6 +20,7 @@ from knlight.neurons.direct_effect import (
     direct_effects,
     direct_effects_of,
     linear_direct_effects,
+    sufficiency_effects,
 )
 from knlight.neurons.neuron_file import NeuronFile, read_neuron_file, write_neuron_file
 from knlight.selection import (
@@ -89,6 +90,32 @@ def test_direct_effect_equals_a_hand_computed_patched_forward() -> None:
             expected = clean - _hand_log_p(lm, query, patched)
             assert float(got[q, n]) == pytest.approx(float(expected), abs=1e-5)
     assert got.abs().max() > 1e-4  # the neurons do something: the comparison is not 0 == 0
+
+
+def test_sufficiency_equals_a_hand_computed_patched_forward() -> None:
+    """Sufficiency: every candidate's write removed from the clean residual stream (the base), then one
+    candidate's own write put back; log P(with it) − log P(base), later sublayers held clean."""
+    lm = load_lm("tiny:gpt2")
+    neurons = [(0, 3), (1, 17), (2, 40), (2, 5), (0, 63)]
+    queries = [lm.encode(*item) for item in ITEMS]
+    got = sufficiency_effects(lm, queries, neurons, chunk_rows=2)
+    for q, query in enumerate(queries):
+        stream, acts, _ = _hand_residual(lm, query)
+        positions = [p for p, _ in query.targets]
+        writes = [
+            acts[layer][0, positions, index, None] * lm.model.transformer.h[layer].mlp.c_proj.weight[index]
+            for layer, index in neurons
+        ]
+        base = stream.clone()
+        base[0, positions] -= sum(writes)
+        for n, write in enumerate(writes):
+            kept = base.clone()
+            kept[0, positions] += write
+            expected = _hand_log_p(lm, query, kept) - _hand_log_p(lm, query, base)
+            assert float(got[q, n]) == pytest.approx(float(expected), abs=1e-5)
+    assert got.abs().max() > 1e-4
+    # Not the direct effect: with several candidates removed the answer's state differs.
+    assert (got - direct_effects(lm, queries, neurons)).abs().max() > 1e-4
 
 
 def test_direct_effect_is_not_the_total_effect() -> None:
@@ -175,7 +202,10 @@ def _item(
     return QueryAttribution(uuid, language, "P36", query_id, query, answer, 0.5, neurons, rank=1)
 
 
-def test_carriers_selection_keeps_the_candidates_that_write_the_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sufficiency", [True, False])
+def test_carriers_selection_keeps_the_candidates_that_write_the_answer(
+    tmp_path: Path, sufficiency: bool
+) -> None:
     """``select_fact`` with carriers: the candidates (knowledge neurons + top-k by attribution) get their mean
     direct effect; carriers are those >= threshold · the largest and >= min_effect; the other knowledge neurons
     are upstream; the fact's sets are the unions; the neuron file round-trips them."""
@@ -185,7 +215,7 @@ def test_carriers_selection_keeps_the_candidates_that_write_the_answer(tmp_path:
         "en": [_item("F", "en", q, query, answer, scores) for q, (query, answer) in enumerate(ITEMS)],
         "de": [_item("F", "de", 0, "Die Hauptstadt von Frankreich ist [Y].", "Paris", scores[:4])],
     }
-    options = CarrierOptions(enabled=True, top_k=4, threshold=0.3, min_effect=0.0)
+    options = CarrierOptions(enabled=True, top_k=4, threshold=0.3, min_effect=0.0, sufficiency=sufficiency)
     fact = select_fact(per_language, (lm.num_layers, lm.d_ff), ["de", "en"], {}, KnOptions(p=0.7, adaptive=False),
                        LiknOptions(), UncertaintyOptions(), DknOptions(), None, lm, carriers=options)  # fmt: skip
     assert fact.carriers is not None
@@ -193,16 +223,19 @@ def test_carriers_selection_keeps_the_candidates_that_write_the_answer(tmp_path:
         encoded = [lm.encode(i.query, i.answer) for i in items]
         candidates = list(dict.fromkeys([*fact.languages[language], *[(a, b) for a, b, _ in scores[:4]]]))
         direct = direct_effects(lm, encoded, candidates).mean(0)
-        bar = max(0.3 * float(direct.max()), 0.0)
-        expected = sorted((n for n, d in zip(candidates, direct) if float(d) >= bar),
-                          key=lambda n: -float(direct[candidates.index(n)]))  # fmt: skip
+        enough = sufficiency_effects(lm, encoded, candidates).mean(0)
+        score = torch.maximum(direct, enough) if sufficiency else direct
+        bar = max(0.3 * float(score.max()), 0.0)
+        expected = sorted((n for n, d in zip(candidates, score) if float(d) >= bar),
+                          key=lambda n: -float(score[candidates.index(n)]))  # fmt: skip
         assert fact.carriers[language] == expected
         assert 0 < len(expected) < len(candidates)  # the rule separates something here
         assert fact.upstream[language] == [n for n in fact.languages[language] if n not in expected]
-        got = {(a, b): d for a, b, _, d in fact.effects[language]}
+        got = {(a, b): (d, u) for a, b, _, d, u in fact.effects[language]}
         assert set(got) == set(candidates)
-        for n, d in zip(candidates, direct):
-            assert got[n] == pytest.approx(float(d), abs=1e-6)
+        for n, d, u in zip(candidates, direct, enough):
+            assert got[n][0] == pytest.approx(float(d), abs=1e-6)
+            assert got[n][1] is None if not sufficiency else got[n][1] == pytest.approx(float(u), abs=1e-6)
     union = {n for ns in fact.carriers.values() for n in ns}
     assert set(fact.carriers_fact) == union
     assert not set(fact.upstream_fact) & union
@@ -217,6 +250,11 @@ def test_carriers_selection_keeps_the_candidates_that_write_the_answer(tmp_path:
     assert [row[:2] for row in again.effects["en"]] == [row[:2] for row in fact.effects["en"]]
     assert [row[3] for row in again.effects["en"]] == pytest.approx(
         [row[3] for row in fact.effects["en"]], abs=1e-5
+    )
+    assert [row[4] for row in again.effects["en"]] == (
+        pytest.approx([row[4] for row in fact.effects["en"]], abs=1e-5)
+        if sufficiency
+        else [None] * len(fact.effects["en"])
     )
 
 

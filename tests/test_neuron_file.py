@@ -85,6 +85,17 @@ def test_out_of_range_neuron_names_file_fact_set_and_neuron(tmp_path: Path) -> N
         read_neuron_file(_write(tmp_path, data))
 
 
+def test_effects_rows_with_and_without_the_sufficiency(tmp_path: Path) -> None:
+    """Rows carry the sufficiency (or null: not measured); a file from before it (four numbers) still reads."""
+    data = _valid()
+    data["facts"]["P37:x"]["effects"] = {
+        "en": [[0, 1, 0.5, 0.2, 0.9], [0, 2, 0.4, 0.1, None]],
+        "de": [[0, 3, 0.3, 0.1]],
+    }
+    effects = read_neuron_file(_write(tmp_path, data)).facts["P37:x"].effects
+    assert effects == {"en": [(0, 1, 0.5, 0.2, 0.9), (0, 2, 0.4, 0.1, None)], "de": [(0, 3, 0.3, 0.1, None)]}
+
+
 def test_model_of_another_shape_is_refused(tmp_path: Path) -> None:
     path = write_neuron_file(tmp_path / "n.json", sample())
     with pytest.raises(
@@ -109,6 +120,11 @@ def test_model_of_another_shape_is_refused(tmp_path: Path) -> None:
             lambda d: d["facts"]["P37:x"].update(degenerate={"pairs": [[[0, 1], [0, 2], [0, 3]]]}),
             "a pair has two",
         ),
+        (
+            lambda d: d["facts"]["P37:x"].update(effects={"en": [[0, 1, 0.5, 0.2, "big"]]}),
+            r"P37:x', effects\.en: each row is \[layer, index, total, direct, sufficiency or null\]",
+        ),
+        (lambda d: d["facts"]["P37:x"].update(effects={"en": [[0, 1, 0.5]]}), r"effects\.en: each row is"),
     ],
 )
 def test_malformed_files_are_named(tmp_path: Path, change, message: str) -> None:

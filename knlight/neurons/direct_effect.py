@@ -123,7 +123,7 @@ def _columns(lm: Any, layer: int) -> torch.Tensor:
 def direct_effects(
     lm: Any, items: Sequence[EncodedQuery], neurons: Sequence[Neuron], chunk_rows: int = 64
 ) -> torch.Tensor:
-    """Exact direct effects (patched forwards) of ``neurons`` on each item.
+    """Exact direct effects (patched forwards) of ``neurons`` on each item: how *necessary* each write is.
 
     Args:
         lm: A :class:`knlight.LanguageModel`.
@@ -134,6 +134,28 @@ def direct_effects(
     Returns:
         ``[len(items), len(neurons)]`` log P(clean) − log P(write removed), in nats.
     """
+    return _patched_effects(lm, items, neurons, chunk_rows, sufficiency=False)
+
+
+@torch.no_grad()
+def sufficiency_effects(
+    lm: Any, items: Sequence[EncodedQuery], neurons: Sequence[Neuron], chunk_rows: int = 64
+) -> torch.Tensor:
+    """How *sufficient* each neuron's write is: its write alone over the state without any of ``neurons``.
+
+    The base row removes the writes of all ``neurons`` at the target positions (later sublayers clean, as in
+    :func:`direct_effects`); each candidate's row puts its own write back. A member of a redundant pair has a
+    small direct effect (the other member still writes the answer) and a large sufficiency.
+
+    Returns:
+        ``[len(items), len(neurons)]`` log P(only this write kept) − log P(all removed), in nats.
+    """
+    return _patched_effects(lm, items, neurons, chunk_rows, sufficiency=True)
+
+
+def _patched_effects(
+    lm: Any, items: Sequence[EncodedQuery], neurons: Sequence[Neuron], chunk_rows: int, sufficiency: bool
+) -> torch.Tensor:
     neurons = [(int(a), int(b)) for a, b in neurons]
     check_neurons(neurons, lm.num_layers, lm.d_ff)
     out = torch.zeros(len(items), len(neurons))
@@ -143,9 +165,19 @@ def direct_effects(
     for q, query in enumerate(items):
         clean = _Clean(lm, query)
         positions = torch.tensor([p for p, _ in query.targets])
+
+        def write(layer: int, index: int, clean: _Clean = clean, positions: torch.Tensor = positions) -> Any:
+            cols = _columns(lm, layer)
+            return clean.a[layer][0, positions, index, None] * cols[:, index].to(clean.y[layer].dtype)
+
+        # Per layer the FFN output every row starts from: clean, or (sufficiency) without any candidate's write.
+        base = [clean.y[layer][0].clone() for layer in range(lm.num_layers)]
+        if sufficiency:
+            for layer, index in neurons:
+                base[layer][positions] -= write(layer, index)
         for start in range(0, len(neurons), chunk_rows):
             chunk = neurons[start : start + chunk_rows]
-            rows = len(chunk) + 1  # row 0: nothing removed (the clean value through the same ops)
+            rows = len(chunk) + 1  # row 0: the base; row r: candidate r's write removed (or kept alone)
             with ExitStack() as stack:
                 for layer in range(lm.num_layers):
                     attn = clean.attn[layer]
@@ -154,15 +186,14 @@ def direct_effects(
                             attn_modules[layer], lambda out, attn=attn, rows=rows: attn.expand(rows, -1, -1)
                         )
                     )
-                    patched = clean.y[layer].expand(rows, -1, -1).clone()
-                    cols = _columns(lm, layer)
+                    patched = base[layer].expand(rows, -1, -1).clone()
                     for r, (l_n, i_n) in enumerate(chunk, start=1):
                         if l_n == layer:
-                            write = clean.a[layer][0, positions, i_n, None] * cols[:, i_n].to(patched.dtype)
-                            patched[r, positions] -= write
+                            patched[r, positions] += write(l_n, i_n) if sufficiency else -write(l_n, i_n)
                     stack.enter_context(_replace(lm.sites.out_projs[layer], lambda out, y=patched: y))
                 log_p = _log_prob(lm, query, rows)
-            out[q, start : start + len(chunk)] = (log_p[0] - log_p[1:]).float().cpu()
+            gain = log_p[1:] - log_p[0] if sufficiency else log_p[0] - log_p[1:]
+            out[q, start : start + len(chunk)] = gain.float().cpu()
     return out
 
 

@@ -82,7 +82,9 @@ def annotations_json(fact: Any) -> dict[str, Any]:
         out["carriers"] = _per_fact(fact.carriers, fact.carriers_fact)
         out["upstream"] = _per_fact(fact.upstream, fact.upstream_fact)
         out["effects"] = {
-            lang: [[a, b, round(t, 6), round(d, 6)] for a, b, t, d in rows]
+            lang: [
+                [a, b, round(t, 6), round(d, 6), None if u is None else round(u, 6)] for a, b, t, d, u in rows
+            ]
             for lang, rows in sorted(fact.effects.items())
         }
     if fact.specificity:
@@ -150,14 +152,18 @@ def parse_annotations(
         )
     effects = entry.get("effects", {})
     if not isinstance(effects, dict):
-        raise fail(f"{at}, effects: must map languages to [[layer, index, total, direct], ...]")
+        raise fail(f"{at}, effects: must map languages to [[layer, index, total, direct, sufficiency], ...]")
     for lang, rows in effects.items():
         parsed = []
-        for row in rows if isinstance(rows, list) else [None]:
-            if not isinstance(row, list) or len(row) != 4 or not all(_number(v) for v in row[2:]):
-                raise fail(f"{at}, effects.{lang}: each row is [layer, index, total, direct], got {row!r}")
+        for row in rows if isinstance(rows, list) else [rows]:  # not a list: reported as its row
+            if not _effect_row(row):
+                raise fail(
+                    f"{at}, effects.{lang}: each row is [layer, index, total, direct, sufficiency or null], "
+                    f"got {row!r}"
+                )
             ((layer, index),) = neurons([row[:2]], f"{at}, effects.{lang}")
-            parsed.append((layer, index, float(row[2]), float(row[3])))
+            sufficiency = float(row[4]) if len(row) == 5 and row[4] is not None else None
+            parsed.append((layer, index, float(row[2]), float(row[3]), sufficiency))
         fact.effects[lang] = parsed
     for k, item in enumerate(entry.get("specificity") or []):
         where = f"{at}, specificity[{k}]"
@@ -174,3 +180,11 @@ def parse_annotations(
     if not isinstance(consistency, dict) or not all(isinstance(v, dict) for v in consistency.values()):
         raise fail(f'{at}, consistency: must map languages to {{"jaccard", "queries", "consistent"}}')
     fact.consistency = {lang: dict(v) for lang, v in consistency.items()}
+
+
+def _effect_row(row: Any) -> bool:
+    """A row of ``effects``: ``[layer, index, total, direct, sufficiency or null]`` (four numbers: a file from
+    before the sufficiency was measured)."""
+    if not isinstance(row, list) or len(row) not in (4, 5) or not all(_number(v) for v in row[2:4]):
+        return False
+    return len(row) == 4 or row[4] is None or _number(row[4])

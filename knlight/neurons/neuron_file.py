@@ -17,7 +17,7 @@ Format ``knlight-neurons/1`` (JSON, UTF-8)::
          "language_independent_over": ["en", "fr"],                         # the languages LIKN was taken over
          "carriers": {"languages": {"en": [[23, 812]]}, "fact": [[23, 812]]},   # write the answer
          "upstream": {"languages": {"en": [[22, 40]]}, "fact": [[22, 40]]},     # selected, low direct effect
-         "effects": {"en": [[23, 812, 0.93, 1.7], [22, 40, 0.71, 0.01]]},   # candidates: total, direct effect
+         "effects": {"en": [[23, 812, 0.93, 1.7, 2.1], [22, 40, 0.71, 0.01, 0.02]]},  # total, direct, sufficiency
          "specificity": [{"neuron": [23, 812], "label": "fact", "facts": 1, "relations": 1, "languages": 2}],
          "consistency": {"en": {"jaccard": 0.52, "queries": 3, "consistent": true}}
        }},
@@ -55,6 +55,9 @@ from knlight.neurons.neuron_annotations import (
     parse_annotations,
 )
 
+Effect = tuple[int, int, float, float, float | None]
+"""A carrier candidate: ``(layer, index, total, direct, sufficiency)`` (sufficiency None: not measured)."""
+
 FORMAT = "knlight-neurons/1"
 
 NeuronKind = Literal["language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream"]
@@ -90,7 +93,8 @@ class FactNeurons:
         carriers_fact: Carriers of the fact as a whole (union over its languages).
         upstream: Knowledge neurons with a low direct effect, per language.
         upstream_fact: Upstream neurons of the fact as a whole.
-        effects: Per language, the carrier candidates as ``(layer, index, total, direct)``.
+        effects: Per language, the carrier candidates as ``(layer, index, total, direct, sufficiency)``
+            (sufficiency None when not measured; files written before it existed have four numbers).
         specificity: Per selected neuron, how shared it is.
         consistency: Per language, ``{"jaccard", "queries", "consistent"}`` across the fact's queries.
     """
@@ -108,7 +112,7 @@ class FactNeurons:
     carriers_fact: list[Neuron] = field(default_factory=list)
     upstream: dict[str, list[Neuron]] = field(default_factory=dict)
     upstream_fact: list[Neuron] = field(default_factory=list)
-    effects: dict[str, list[tuple[int, int, float, float]]] = field(default_factory=dict)
+    effects: dict[str, list[Effect]] = field(default_factory=dict)
     specificity: dict[Neuron, NeuronSpecificity] = field(default_factory=dict)
     consistency: dict[str, dict[str, Any]] = field(default_factory=dict)
 

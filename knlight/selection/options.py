@@ -110,12 +110,16 @@ class CarrierOptions:
 
     A neuron's *direct effect* is what its write ``a_i · W_out[:, i]`` at the target positions does to log
     P(answer) with every later sublayer (attention and FFN outputs) held at its clean value
-    (:mod:`knlight.neurons.direct_effect`). Per known (fact, language), the candidates are its knowledge
-    neurons and the ``top_k`` neurons of highest mean normalised attribution (their total effect); *carriers*
-    are the candidates whose mean direct effect over the language's queries is at least ``threshold`` · the
-    largest and at least ``min_effect`` nats; the language's knowledge neurons that are not carriers are its
-    *upstream* neurons. Needs the model. The defaults were chosen on planted models (benchmarks/planted.py,
-    seed 0 of gpt2 and llama), where unplanted neurons have direct effects below ~0.003 nats.
+    (:mod:`knlight.neurons.direct_effect`): how *necessary* the write is. Its *sufficiency* is what the write
+    alone does over the state with every candidate's write removed (a member of a redundant pair is not
+    necessary, its twin still writes the answer, but it is sufficient). Per known (fact, language), the
+    candidates are its knowledge neurons and the ``top_k`` neurons of highest mean normalised attribution (their
+    total effect); *carriers* are the candidates whose carrier score (the larger of the mean direct effect and
+    the mean sufficiency over the language's queries) is at least ``threshold`` · the largest and at least
+    ``min_effect`` nats; the language's knowledge neurons that are not carriers are its *upstream* neurons.
+    Needs the model. The defaults were chosen on planted models (benchmarks/planted.py: seed 0 of gpt2 and
+    llama, where unplanted neurons have direct effects below ~0.003 nats; seeds 0 and 2 of bert, where
+    unplanted last-layer neurons reach 0.1-0.5 nats and ``threshold`` 0.25 separates them).
     """
 
     enabled: bool = False
@@ -126,9 +130,12 @@ class CarrierOptions:
     top_k: int = 20
     """Candidates per (fact, language) beside its knowledge neurons: the neurons of highest mean normalised
     attribution."""
-    threshold: float = 0.1
-    """A carrier's direct effect is at least this fraction of the largest candidate's (relative: a fact held
-    by a redundant pair has small direct effects, each member alone suffices)."""
+    sufficiency: bool = True
+    """Also measure each candidate's sufficiency (one more patched forward per query) and score it by the
+    larger of the two; false: the direct effect alone (as before the sufficiency, with ``threshold`` 0.1)."""
+    threshold: float = 0.25
+    """A carrier's score is at least this fraction of the largest candidate's (relative: facts differ in how
+    strongly they are held)."""
     min_effect: float = 0.005
     """... and at least this many nats (log P(answer) lost when its write is removed)."""
     chunk_rows: int = 64

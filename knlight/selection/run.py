@@ -15,8 +15,8 @@ callback, or as :func:`run_selection`. For every fact it computes (see :mod:`knl
   ``scores.safetensors``);
 * **degenerate neurons** (AMIG Algorithm 1 pairs and greedy larger sets): needs the model, which it loads;
 * **carriers** and **upstream** neurons (``--carriers.enabled true``): the candidates whose own write raises the
-  answer (direct effect, later layers held clean; :mod:`knlight.selection.carriers`) and the knowledge neurons
-  that only feed them; needs the model.
+  answer (necessary or sufficient with later layers held clean; :mod:`knlight.selection.carriers`) and the
+  knowledge neurons that only feed them; needs the model.
 
 **Known facts only, by default.** Before any of that, the knowledge filter (:class:`~knlight.selection.options.
 KnownOptions`, ``--known.*``) keeps only the queries whose gold answer the model ranks in its top
