@@ -4,7 +4,8 @@ FLOPs (multiply-add = 2) and peak memory as functions of layers L, width d, FFN 
 length S, steps m, for:
 
 * ``ig``: knlight's exact IG, fast engine (causal rows are single tokens over the clean KV; masked rows whole
-  sequences; rows start at their layer; head only at the target; backward w.r.t. activations only);
+  sequences from the block above their own, whose FFN output changes at the target only, and only the target
+  in the last block; rows start at their layer; head only at the target; backward w.r.t. activations only);
 * ``grad_x_act``: one forward and one backward of the clean prompt (knlight);
 * ``steps1_zero``: one row per layer at α = 0 on the fast engine (what EasyEdit's ``steps: 1`` configs compute);
 * ``joint_ig``: m rows along one path scaling all layers (causal: single tokens from the target on);
@@ -66,6 +67,13 @@ class Shape:
         """Forward FLOPs of the FFN's output projection of one token (where the attributed activation enters)."""
         return 2 * self.f * self.d
 
+    def last_block_at_target(self, context: int) -> float:
+        """Forward FLOPs of a masked row's last block when only its target position is read: keys and values at
+        every position, the query, output projection and FFN at the target only."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        mlp = 2 * self.d * self.f * (3 if self.gated else 2)
+        return context * 2 * self.d * 2 * kv + 2 * self.d * 2 * q + mlp + 4 * context * q
+
     def head(self) -> float:
         """LM-head FLOPs of one row (BERT's transform included)."""
         return 2 * self.d * self.vocab + (2 * self.d * self.d if self.masked else 0)
@@ -107,11 +115,19 @@ def method_flops(method: str, sh: Shape, seq_len: int, steps: int) -> float:
         # model's log P) adds one row per layer. Quadratures with an α = 1 node check inside the sweep.
         passes = [(rows, rows)] + ([(1, 1)] if method == "steps1_zero" else [])
         for n_rows, group in passes:
-            tokens, context = (S, S) if sh.masked else (1, S + group)
             for layer in range(L):
+                if sh.masked:
+                    # The row's own block: one clean call per sequence, then the FFN output at the target
+                    # changes by (a − a_clean)·W_outᵀ; blocks above whole sequences; the last block (when it is
+                    # not the own one) only at the target; forward and backward alike.
+                    total += S * sh.block(S)
+                    middle = max(L - layer - 2, 0) * S * sh.block(S)
+                    last = sh.last_block_at_target(S) if layer < L - 1 else 0.0
+                    total += n_rows * 2 * (sh.down() + middle + last + sh.head())
+                    continue
                 above = L - layer
-                fwd = tokens * above * sh.block(context) + sh.head()
-                bwd = tokens * (above - 1) * sh.block(context) + tokens * sh.down() + sh.head()
+                fwd = above * sh.block(S + group) + sh.head()
+                bwd = (above - 1) * sh.block(S + group) + sh.down() + sh.head()
                 total += n_rows * (fwd + bwd)
         return total
     if method == "grad_x_act":
@@ -170,13 +186,17 @@ def method_peak_bytes(method: str, sh: Shape, seq_len: int, steps: int, element:
         rows = 1 if method == "steps1_zero" else m
         per_block = rows * kshape.row_block_bytes(S) + kshape.unit_block_bytes(S, rows)
         chunks = fixed_chunks(sh.layers, rows, DEFAULT_CHUNK_ROWS[sh.masked])  # the default chunking
-        sweep = max(sum(sh.layers - layer for layer in range(lo, hi)) * per_block for lo, hi in chunks)
+        # A masked row's own block keeps only its target's FFN output change (one clean call per sequence).
+        own = 1 if sh.masked else 0
+        sweep = max(sum(sh.layers - layer - own for layer in range(lo, hi)) * per_block for lo, hi in chunks)
         largest = max(hi - lo for lo, hi in chunks) * rows
         return clean + max(clean_pass, sweep + min(largest, default_head_rows(kshape)) * head_row)
     if method == "joint_ig":
         # The reference clean pass keeps full logits; then m rows through every layer.
         per_block = m * kshape.row_block_bytes(S) + kshape.unit_block_bytes(S, 1)
-        return S * sh.vocab * element + sh.layers * per_block + m * head_row
+        # gold_log_probs sums the normaliser in float64: a float64 copy of each row's logits (knlight/neurons/ig.py).
+        wide = m * sh.vocab * 8
+        return S * sh.vocab * element + sh.layers * per_block + m * head_row + wide
     if method == "grad_x_act":
         return sh.layers * kshape.sequence_block_bytes(S) + head_row
     if method in ("eleuther", "easyedit", "reference"):

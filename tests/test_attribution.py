@@ -210,3 +210,43 @@ def test_bert_scores_equal_eleutherai_knowledge_neurons() -> None:
         )
         ours = attribute(lm, query, answer, steps=20, quadrature="eleuther")
         assert rel_diff(ours, theirs) <= 1e-6  # measured <= 2.4e-7
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_masked_own_block_shortcut_and_its_fallback(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked rows run their own block once per sequence (only the target's FFN output differs) and only the
+    target in the last block; the full replay gives the same scores, and a block that cannot broadcast a
+    sequence's clean tensors to its rows (simulated: it refuses an output batch other than its input's) makes
+    the engine fall back to it, still equal to the reference engine."""
+    from knlight.neurons import fast_engine
+
+    lm = tiny(arch)
+    kwargs = dict(steps=4, quadrature_name="riemann_right")
+    flags: list[bool] = []
+    integrate = fast_engine.FastEngine.integrate
+
+    def recording(self, *args, **kw):  # type: ignore[no-untyped-def]
+        out = integrate(self, *args, **kw)
+        flags.append(self.own_block_shortcut)
+        return out
+
+    monkeypatch.setattr(fast_engine.FastEngine, "integrate", recording)
+    shortcut = attribute_batch(lm, ITEMS, engine="fast", chunk_rows=24, **kwargs)
+    assert flags and all(flags)  # the shortcut was taken in every sweep
+    ref = attribute_batch(lm, ITEMS, engine="reference", **kwargs)
+    assert rel_diff(shortcut.scores, ref.scores) <= 1e-5
+
+    def strict(block: torch.nn.Module, args: tuple, out: object) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[0] != args[0].shape[0]:
+            raise RuntimeError("this block does not broadcast")
+
+    handles = [block.register_forward_hook(strict) for block in lm.sites.blocks]
+    flags.clear()
+    try:
+        replayed = attribute_batch(lm, ITEMS, engine="fast", chunk_rows=24, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert flags and not any(flags)  # fell back to the full replay
+    assert rel_diff(replayed.scores, shortcut.scores) <= 1e-6

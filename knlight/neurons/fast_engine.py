@@ -15,6 +15,8 @@ The fast engine:
   problem go through a block as one m-token unit ``[units, m, d]`` that shares one copy of the clean
   keys/values and sees its own keys through a diagonal mask (:mod:`knlight.neurons.fast_rows`), so attention
   is a batched matmul and nothing is copied per row;
+* masked LMs: a row's own block runs once per sequence (only the target's FFN output differs per row) and its
+  last block only at the target position (:mod:`knlight.neurons.fast_masked`);
 * masks, positions and the other call arguments are re-indexed once per chunk and sliced per layer;
 * the LM head (and final norm) is applied only at the target rows, in sub-chunks of ``head_rows`` rows whose
   gradient is taken at once; with a plain linear output embedding its gradient is written out over vocabulary
@@ -40,6 +42,7 @@ from knlight.lm.upstream import (
     last_hidden_state,
     upstream_error,
 )
+from knlight.neurons.fast_masked import masked_block
 from knlight.neurons.fast_rows import BlockCall, Rows, has_axis, head_value_grad, map_tensors
 from knlight.neurons.ig import CleanPass, Problems, gold_log_probs
 from knlight.neurons.memory import ModelShape, budget_bytes, default_head_rows, fixed_chunks, plan_sweep
@@ -79,6 +82,8 @@ class FastEngine:
         self._calls: list[BlockCall] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._clean_lp: dict[tuple[int, int], float] = {}
+        self.own_block_shortcut = True
+        """Masked LMs: a row's own block from one clean call per sequence (off once a block does not broadcast)."""
 
     # -- clean pass -----------------------------------------------------------------------------------------
 
@@ -246,27 +251,25 @@ class FastEngine:
         hidden: torch.Tensor | None = None
         for j in range(first, sites.num_layers):
             lo, hi = bounds[j], bounds[j + 1]
+            leaf = path[lo:hi].clone().requires_grad_(True) if hi > lo else None
+            if leaf is not None:
+                leaves.append(leaf)
+            if not causal:
+                new = None if leaf is None else (unit_seq[lo:hi], unit_pos[lo:hi], leaf)
+                hidden = masked_block(self, j, hidden, new, args)
+                continue
             call = self._calls[j]
-            if hi > lo:
+            if leaf is not None:
+                # Causal units start as g copies of the target token.
                 seq, pos = unit_seq[lo:hi], unit_pos[lo:hi]
-                # Causal units start as g copies of the target token; masked rows as the whole sequence.
-                new = call.hidden[seq, pos][:, None, :].expand(-1, group, -1) if causal else call.hidden[seq]
-                hidden = new if hidden is None else torch.cat([hidden, new])
+                new_rows = call.hidden[seq, pos][:, None, :].expand(-1, group, -1)
+                hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
             assert hidden is not None
             kwargs = args.for_layer(j, hidden.shape[0])
-            if hi > lo:
-                leaf = path[lo:hi].clone().requires_grad_(True)
-                leaves.append(leaf)
-                put: Any
-                if causal:
+            if leaf is not None:
 
-                    def put(h: torch.Tensor, lo: int = lo, leaf: torch.Tensor = leaf) -> torch.Tensor:
-                        return torch.cat([h[:lo], leaf.to(h.dtype)])
-                else:
-                    at = (torch.arange(lo, hi, device=device), unit_pos[lo:hi].to(device))
-
-                    def put(h: torch.Tensor, at: Any = at, leaf: torch.Tensor = leaf) -> torch.Tensor:  # type: ignore[misc]
-                        return h.index_put(at, leaf.to(h.dtype))
+                def put(h: torch.Tensor, lo: int = lo, leaf: torch.Tensor = leaf) -> torch.Tensor:
+                    return torch.cat([h[:lo], leaf.to(h.dtype)])
 
                 with edit_activations(sites.out_projs[j], put):
                     out = sites.blocks[j](hidden, **kwargs)
@@ -305,6 +308,15 @@ class _ChunkArgs:
                 map_tensors(built, lambda t: self._per_unit.add(id(t)))
             self._built[key] = built
         return self._built[key]
+
+    def for_sequence(self, j: int, s: int) -> dict[str, Any]:
+        """Block ``j``'s clean call arguments for sequence ``s`` alone (batch 1)."""
+        call = self.engine._calls[j]
+        batch = call.hidden.shape[0]
+        return {
+            k: map_tensors(v, lambda x: x[s : s + 1] if x.dim() > 0 and x.shape[0] == batch else x)
+            for k, v in call.kwargs.items()
+        }
 
     def for_layer(self, j: int, active: int) -> dict[str, Any]:
         """Block ``j``'s clean call arguments for the first ``active`` units of the chunk."""
