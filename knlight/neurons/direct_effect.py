@@ -166,15 +166,18 @@ def _patched_effects(
         clean = _Clean(lm, query)
         positions = torch.tensor([p for p, _ in query.targets])
 
-        def write(layer: int, index: int, clean: _Clean = clean, positions: torch.Tensor = positions) -> Any:
-            cols = _columns(lm, layer)
-            return clean.a[layer][0, positions, index, None] * cols[:, index].to(clean.y[layer].dtype)
-
+        # Each candidate's write ``a_i · W_out[:, i]`` at the targets, computed once per query.
+        cols = {layer: _columns(lm, layer) for layer in {layer for layer, _ in neurons}}
+        writes = {
+            (layer, index): clean.a[layer][0, positions, index, None]
+            * cols[layer][:, index].to(clean.y[layer].dtype)
+            for layer, index in dict.fromkeys(neurons)
+        }
         # Per layer the FFN output every row starts from: clean, or (sufficiency) without any candidate's write.
         base = [clean.y[layer][0].clone() for layer in range(lm.num_layers)]
         if sufficiency:
-            for layer, index in neurons:
-                base[layer][positions] -= write(layer, index)
+            for (layer, _), write in writes.items():
+                base[layer][positions] -= write
         for start in range(0, len(neurons), chunk_rows):
             chunk = neurons[start : start + chunk_rows]
             rows = len(chunk) + 1  # row 0: the base; row r: candidate r's write removed (or kept alone)
@@ -189,7 +192,8 @@ def _patched_effects(
                     patched = base[layer].expand(rows, -1, -1).clone()
                     for r, (l_n, i_n) in enumerate(chunk, start=1):
                         if l_n == layer:
-                            patched[r, positions] += write(l_n, i_n) if sufficiency else -write(l_n, i_n)
+                            write = writes[(l_n, i_n)]
+                            patched[r, positions] += write if sufficiency else -write
                     stack.enter_context(_replace(lm.sites.out_projs[layer], lambda out, y=patched: y))
                 log_p = _log_prob(lm, query, rows)
             gain = log_p[1:] - log_p[0] if sufficiency else log_p[0] - log_p[1:]

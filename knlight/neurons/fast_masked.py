@@ -13,7 +13,7 @@ full, as before; the sweep's α = 1 replay check guards the values either way. P
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ def masked_block(
         assert fresh is not None
         return fresh
     last = j == sites.num_layers - 1
-    with target_only_ffn(sites.in_projs[j], args.unit_pos[:running]) if last else _nothing():
+    with target_only_ffn(sites.in_projs[j], args.unit_pos[:running]) if last else nullcontext():
         out = _first(block(hidden, **args.for_layer(j, running)))
     if out.shape[1] != hidden.shape[1]:  # [n, 1, d]: the block did not broadcast back to the sequence
         out = out.expand(-1, hidden.shape[1], -1)
@@ -130,11 +130,6 @@ def target_only_ffn(in_projs: Sequence[nn.Module], unit_pos: torch.Tensor) -> It
             handle = module.register_forward_pre_hook(pre_hook)
             stack.callback(handle.remove)
         yield
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _first(out: Any) -> torch.Tensor:
