@@ -7,7 +7,7 @@
 #   STEPS="select intervene" bash experiments/gemma-large/run.sh
 cd "$(dirname "$0")/../.." && source .venv/bin/activate
 E=experiments/gemma-large R=experiments/gemma-large/results C=configs/gemma-large
-ALL="data localize select intervene enhance edit inject factcheck tables"
+ALL="data localize localize-amig select select-amig intervene enhance edit inject factcheck tables"
 source experiments/lib.sh
 mkdir -p $R
 # the issue-9 probe ranks (same model, same queries) seed the cache: only the new languages are probed
@@ -19,11 +19,17 @@ wants data && timed make_data python experiments/make_data.py --languages en,de,
   --output $E/data/gemma_large.jsonl
 base=(--config configs/trainer/localize.yaml --config configs/localize/gemma3-270m.yaml --config $C/localize.yaml)
 wants localize && timed localize-zero knlight predict "${base[@]}"
+wants localize-amig && timed localize-amig knlight predict "${base[@]}" --config $C/localize-amig.yaml
 if wants select; then
   timed select-zero knlight select --attributions $E/runs/localize-zero/attributions --output $R/neurons.json \
     --likn.min_languages 2 --uncertainty.enabled true --carriers.enabled true --specificity.enabled true \
     --consistency.enabled true
   cp $E/runs/localize-zero/attributions/summary.json $R/localize-zero-summary.json
+fi
+if wants select-amig; then
+  timed select-amig knlight select --attributions $E/runs/localize-amig/attributions --output $R/neurons-amig.json \
+    --likn.min_languages 2 --uncertainty.enabled true --specificity.enabled true --consistency.enabled true
+  cp $E/runs/localize-amig/attributions/summary.json $R/localize-amig-summary.json
 fi
 if wants intervene; then
   timed intervene knlight test --config configs/intervene/gemma3-270m.yaml --config $C/intervene.yaml
