@@ -6,7 +6,8 @@ length S, steps m, for:
 * ``ig``: knlight's exact IG, fast engine (causal rows are single tokens over the clean KV; masked rows whole
   sequences from the block above their own, whose FFN output changes at the target only, and only the target
   in the last block; rows start at their layer; head only at the target; backward w.r.t. activations only);
-* ``grad_x_act``: one forward and one backward of the clean prompt (knlight);
+* ``grad_x_act``: one forward and one backward of the clean prompt (knlight; causal: the prefix before the target
+  once without autograd into a KV cache, the forward and backward of the target token only);
 * ``steps1_zero``: one row per layer at α = 0 on the fast engine (what EasyEdit's ``steps: 1`` configs compute);
 * ``joint_ig``: m rows along one path scaling all layers (causal: single tokens from the target on);
 * ``eleuther``: EleutherAI knowledge-neurons ``get_scores``: per layer, a clean forward plus m full-sequence
@@ -131,7 +132,11 @@ def method_flops(method: str, sh: Shape, seq_len: int, steps: int) -> float:
                 total += n_rows * (fwd + bwd)
         return total
     if method == "grad_x_act":
-        return 2 * clean
+        if sh.masked:
+            return 2 * clean
+        # Causal: the prefix before the target once without autograd into a KV cache, then the target token's
+        # forward and backward over it (knlight/neurons/approx.py).
+        return (S - 1) * L * sh.block(S) + 2 * (L * sh.block(S) + sh.head())
     if method == "joint_ig":
         tokens, context = (S, S) if sh.masked else (1, S + 1)
         # A clean pass with full logits (activations), the causal prefix's keys/values, then m rows.
@@ -198,7 +203,10 @@ def method_peak_bytes(method: str, sh: Shape, seq_len: int, steps: int, element:
         wide = m * sh.vocab * 8
         return S * sh.vocab * element + sh.layers * per_block + m * head_row + wide
     if method == "grad_x_act":
-        return sh.layers * kshape.sequence_block_bytes(S) + head_row
+        if sh.masked:
+            return sh.layers * kshape.sequence_block_bytes(S) + head_row
+        # Causal: the prefix's keys/values, then one token's forward with gradients over them.
+        return clean + sh.layers * kshape.sequence_block_bytes(1) + head_row
     if method in ("eleuther", "easyedit", "reference"):
         rows = 1 if method == "easyedit" else m
         return rows * (sh.layers * kshape.sequence_block_bytes(S) + S * head_row)

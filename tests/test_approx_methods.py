@@ -97,6 +97,23 @@ def test_grad_x_act_equals_the_autograd_gradient_at_the_captured_activation(
     assert torch.isnan(got.residual).all() and torch.isnan(got.delta).all()  # no per-layer path to complete
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3_text", "llama"])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_grad_x_act_over_cached_prefixes_of_different_lengths_equals_the_oracle(
+    arch: str, chunk_rows: int | None
+) -> None:
+    """Causal rows run only from their query's first target position on, over left-padded prefix caches: a
+    prompt longer than the tiny Gemma's sliding window (8) beside short ones, chunks that split a query."""
+    items = [*ITEMS, ("In the year of the long winter the old capital of the land was [Y].", "Rome of kings")]
+    lm = load_lm(f"tiny:{arch}")
+    starts = [min(p for p, _ in lm.encode(*item).targets) for item in items]
+    assert min(starts) > 0 and len(set(starts)) > 1 and max(starts) > 8  # padded prefixes, all cached
+    got = attribute_batch(lm, items, method="grad_x_act", objective="log_prob", chunk_rows=chunk_rows)
+    for i, item in enumerate(items):
+        expected = by_hand(lm, lm.encode(*item), range(lm.num_layers), lambda layer, p, a: a, "log_prob")
+        assert rel_diff(got.scores[i], expected) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_steps1_zero_equals_the_autograd_gradient_at_the_zeroed_activation(arch: str) -> None:
     lm = load_lm(f"tiny:{arch}")

@@ -126,13 +126,25 @@ class RowCache(DynamicCache):
         return int(self.clean_keys.shape[-2])
 
 
-def prefilled_cache(recorded: dict[int, tuple[torch.Tensor, torch.Tensor]], repeats: int) -> DynamicCache:
-    """A fresh cache holding the recorded keys/values of every layer, each row repeated ``repeats`` times."""
+def prefilled_cache(
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]], repeats: int | torch.Tensor
+) -> DynamicCache:
+    """A fresh cache holding the recorded keys/values of every layer: each recorded row repeated ``repeats``
+    times, or (a tensor) row ``repeats[r]`` of the recording as the cache's row r."""
     cache = DynamicCache()
     for layer in sorted(recorded):
         keys, values = recorded[layer]
-        cache.update(keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0), layer)
+        if isinstance(repeats, int):
+            keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+        else:
+            keys, values = keys[repeats.to(keys.device)], values[repeats.to(values.device)]
+        cache.update(keys, values, layer)
     return cache
+
+
+def takes_position_ids(model: Any) -> bool:
+    """True when the base model's ``forward`` accepts explicit ``position_ids`` (a public keyword)."""
+    return "position_ids" in inspect.signature(model.base_model.forward).parameters
 
 
 def base_model_forward(model: Any, cache: Cache | None = None, **inputs: Any) -> Any:

@@ -6,7 +6,8 @@ each lands from exact IG is measured by ``benchmarks/fidelity.py``. With ``ā`` 
 position, ``a'`` the baseline and ``F`` the objective (P or log P of the gold token, one target at a time):
 
 * ``grad_x_act`` (:func:`clean_gradients`): ``(ā - a')·∂F/∂h_l`` at the clean point, every layer from one
-  forward and one backward (attribution patching, AtP, at the neuron level). The gradient is the total
+  forward and one backward (attribution patching, AtP, at the neuron level; causal LMs run the prefix before
+  the target without autograd, so the backward covers the target positions only). The gradient is the total
   derivative (zero offsets are added to every layer's activation, so paths through later layers count); per
   layer it is exactly one-step right-Riemann IG (α = 1 is the clean point).
 * ``steps1_zero``: ``ā·∂F/∂a`` at ``a = 0``, per layer (only layer l zeroed at the target): what EasyEdit's
@@ -32,7 +33,13 @@ import torch
 
 from knlight.lm.hooks import capture_activations, edit_activations
 from knlight.lm.prompts import EncodedQuery
-from knlight.lm.upstream import RecordingCache, base_model_forward, last_hidden_state, prefilled_cache
+from knlight.lm.upstream import (
+    RecordingCache,
+    base_model_forward,
+    last_hidden_state,
+    prefilled_cache,
+    takes_position_ids,
+)
 from knlight.neurons.ig import METHODS, CleanPass, gold_log_probs, objective_value
 
 APPROXIMATE: tuple[str, ...] = tuple(m for m in METHODS if m != "ig")
@@ -60,9 +67,10 @@ def clean_gradients(
 ) -> tuple[CleanPass, list[torch.Tensor]]:
     """The clean pass and ``∂F/∂h_l`` at the clean point (``grad_x_act``), from one forward and one backward.
 
-    One row per (query, answer token): the full sequence, F read at that token's target position, the gradient
-    taken at that position only (rows are independent, so one backward of the summed objective gives each row
-    its own gradient; the gold prefix is teacher-forced as in exact IG).
+    One row per (query, answer token), F read at that token's target position, the gradient taken at that
+    position only (rows are independent, so one backward of the summed objective gives each row its own
+    gradient; the gold prefix is teacher-forced as in exact IG). Masked rows are whole sequences; causal rows
+    run from their query's first target position on over a KV cache of the prefix (:func:`_gradient_rows`).
 
     Args:
         lm: A :class:`knlight.LanguageModel`.
@@ -83,9 +91,8 @@ def clean_gradients(
     size = _rows_per_chunk(chunk_rows)
     for start in range(0, len(row_seq), size):
         chunk = range(start, min(start + size, len(row_seq)))
-        ids, mask = lm.pad([encoded[row_seq[r]].input_ids for r in chunk])
+        forward, at = _gradient_rows(lm, encoded, [row_seq[r] for r in chunk], [row_pos[r] for r in chunk])
         rows = torch.arange(len(chunk), device=device)
-        at = torch.tensor([row_pos[r] for r in chunk], device=device)
         offsets = [
             torch.zeros(len(chunk), lm.d_ff, device=device, dtype=dtype, requires_grad=True) for _ in layers
         ]
@@ -102,9 +109,7 @@ def clean_gradients(
                     return h.index_put(where, offset.to(h.dtype), accumulate=True)
 
                 stack.enter_context(edit_activations(sites.out_projs[layer], add))
-            hidden = last_hidden_state(
-                lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            )
+            hidden = last_hidden_state(forward())
             log_probs = gold_log_probs(
                 lm.head(hidden[rows, at]), torch.tensor([row_tok[r] for r in chunk], device=device)
             )
@@ -117,6 +122,57 @@ def clean_gradients(
     counts = [len(e.targets) for e in encoded]
     acts, lps, grads_all = torch.cat(acts_out), torch.cat(lp_out), torch.cat(grad_out)
     return CleanPass(list(acts.split(counts)), list(lps.split(counts))), list(grads_all.split(counts))
+
+
+def _gradient_rows(
+    lm: Any, encoded: Sequence[EncodedQuery], seqs: Sequence[int], positions: Sequence[int]
+) -> tuple[Callable[[], Any], torch.Tensor]:
+    """The base-model forward of ``grad_x_act``'s rows (row r: query ``seqs[r]``, F read at ``positions[r]``) and
+    the index of each row's target position in that forward's output.
+
+    Causal LMs: nothing before a query's first target position depends on a target's activation, so that prefix
+    runs once per query without autograd into a KV cache (batched over the chunk's queries, left-padded), and
+    each row runs only its query's tokens from there to its own target position over it (the padded prefix
+    positions masked out, position ids continuing the query's own). The backward then covers the target
+    positions alone; the gradient is the same. Masked LMs (every position sees every other), causal ones whose
+    forward takes no ``position_ids``, and prefixes of length 0 run whole padded sequences.
+    """
+    device = lm.device
+    starts = {q: min(p for p, _ in encoded[q].targets) for q in set(seqs)}
+    if lm.masked or min(starts.values()) == 0 or not takes_position_ids(lm.model):
+        ids, mask = lm.pad([encoded[q].input_ids for q in seqs])
+        at = torch.tensor(list(positions), device=device)
+        return lambda: lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)), at
+    queries = sorted(starts)
+    # Left-padded prefixes: every query's last prefix token sits in the same cache slot, so cache distances
+    # equal token distances (sliding-window layers measure them) and the suffix rows line up after it.
+    width = max(starts.values())
+    prefix_ids = torch.full((len(queries), width), lm.pad_token_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(queries), width), dtype=torch.long)
+    for row, q in enumerate(queries):
+        prefix_ids[row, width - starts[q] :] = torch.tensor(encoded[q].input_ids[: starts[q]])
+        prefix_mask[row, width - starts[q] :] = 1
+    recorded = RecordingCache()
+    with torch.no_grad():
+        base_model_forward(
+            lm.model,
+            recorded,
+            input_ids=prefix_ids.to(device),
+            attention_mask=prefix_mask.to(device),
+            position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device),
+        )
+    row_query = torch.tensor([queries.index(q) for q in seqs])
+    first = torch.tensor([starts[q] for q in seqs])
+    suffix_ids, suffix_mask = lm.pad(
+        [encoded[q].input_ids[starts[q] : p + 1] for q, p in zip(seqs, positions, strict=True)]
+    )
+    inputs = {
+        "input_ids": suffix_ids.to(device),
+        "attention_mask": torch.cat([prefix_mask[row_query], suffix_mask], dim=1).to(device),
+        "position_ids": (first[:, None] + torch.arange(suffix_ids.shape[1])).to(device),
+    }
+    at = torch.tensor(list(positions), device=device) - first.to(device)
+    return lambda: base_model_forward(lm.model, prefilled_cache(recorded.recorded, row_query), **inputs), at
 
 
 def _replaced_objective(
