@@ -53,6 +53,11 @@ def test_counting_rule_and_fact_specific_first() -> None:
     assert facts["f1"].languages["en"] == [A, B, C]
     assert facts["f3"].languages["en"] == [D, C]
     assert analysis["labels"] == {"fact": 2, "relation": 2, "generic": 3} and analysis["neurons"] == 4
+    # The fact-specific selection (an intervention / editing kind): a language's neurons labelled `fact`.
+    assert (
+        facts["f1"].neurons("fact_specific", "en") == [A] and facts["f2"].neurons("fact_specific", "en") == []
+    )
+    assert facts["f3"].neurons("fact_specific") == [D] and facts["f1"].neurons("fact_specific", "fr") == []
     # A stricter rule: shared only from 3 facts on -> B is fact-specific now.
     facts = _hand_made()
     label_specificity(facts, SpecificityOptions(min_facts=3))

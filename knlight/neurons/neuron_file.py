@@ -60,9 +60,11 @@ Effect = tuple[int, int, float, float, float | None]
 
 FORMAT = "knlight-neurons/1"
 
-NeuronKind = Literal["language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream"]
+NeuronKind = Literal[
+    "language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream", "fact_specific"
+]
 NEURON_KINDS: tuple[str, ...] = (
-    "language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream",
+    "language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream", "fact_specific",
 )  # fmt: skip
 SPECIFICITY_LABELS = LABELS
 __all__ = [
@@ -143,8 +145,11 @@ class FactNeurons:
         Args:
             kind: ``language`` (the language's own neurons; needs ``language``), ``language_independent``,
                 ``uncertainty``, ``degenerate`` (all DKN members), ``carriers`` (the language's carriers, or
-                the fact's without a language) or ``upstream`` (likewise).
-            language: The language, for ``language`` (and optionally ``carriers`` / ``upstream``).
+                the fact's without a language), ``upstream`` (likewise) or ``fact_specific`` (the language's own
+                neurons that the specificity analysis labels ``fact``; without a language, every neuron of the
+                fact so labelled; empty when the file has no specificity labels).
+            language: The language, for ``language`` (and optionally ``carriers`` / ``upstream`` /
+                ``fact_specific``).
         """
         if kind == "language":
             if language is None:
@@ -161,6 +166,9 @@ class FactNeurons:
             return list(self.carriers_fact if language is None else per_language.get(language, []))
         if kind == "upstream":
             return list(self.upstream_fact if language is None else self.upstream.get(language, []))
+        if kind == "fact_specific":
+            pool = self.specificity if language is None else self.languages.get(language, [])
+            return [n for n in pool if n in self.specificity and self.specificity[n].label == "fact"]
         raise ValueError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
 
     def to_json(self) -> dict[str, Any]:

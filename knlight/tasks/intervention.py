@@ -54,7 +54,7 @@ from knlight.metrics.intervention import (
 from knlight.neurons.intervention_plan import ItemPool, PlanOptions, Row, plan_item
 from knlight.neurons.interventions import intervene
 from knlight.neurons.memory import check_chunk_rows
-from knlight.neurons.neuron_file import NeuronFile, read_neuron_file
+from knlight.neurons.neuron_file import NeuronFile, NeuronKind, read_neuron_file
 from knlight.tasks.base import BaseTask, ItemKey
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ class NeuronSource:
         neurons: The neuron file (written by ``knlight select``).
         kind: ``language`` (each language's own neurons; default), ``language_independent`` (LIKN),
             ``uncertainty`` (uncertainty-aware aggregation), ``degenerate`` (every DKN member), ``carriers``
-            (the language's carriers: neurons that write the answer) or ``upstream`` (its knowledge neurons that
-            do not). A (fact, language) the neuron file records as not known to the model gets no rows.
+            (the language's carriers: neurons that write the answer), ``upstream`` (its knowledge neurons that
+            do not) or ``fact_specific`` (the language's neurons labelled ``fact`` by ``knlight select
+            --specificity.enabled true``). A (fact, language) the neuron file records as not known to the model
+            gets no rows.
     """
 
     neurons: str
-    kind: Literal["language", "language_independent", "uncertainty", "degenerate", "carriers", "upstream"] = (
-        "language"
-    )
+    kind: NeuronKind = "language"
 
 
 class InterventionModule(BaseTask):
