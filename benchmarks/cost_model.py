@@ -205,8 +205,9 @@ def method_peak_bytes(method: str, sh: Shape, seq_len: int, steps: int, element:
     if method == "grad_x_act":
         if sh.masked:
             return sh.layers * kshape.sequence_block_bytes(S) + head_row
-        # Causal: the prefix's keys/values, then one token's forward with gradients over them.
-        return clean + sh.layers * kshape.sequence_block_bytes(1) + head_row
+        # Causal: the prefix's keys/values, then one token's forward with gradients over them (each block's
+        # attention keeps the concatenated keys/values, as the fast engine's rows do).
+        return clean + sh.layers * (kshape.sequence_block_bytes(1) + kshape.unit_block_bytes(S, 1)) + head_row
     if method in ("eleuther", "easyedit", "reference"):
         rows = 1 if method == "easyedit" else m
         return rows * (sh.layers * kshape.sequence_block_bytes(S) + S * head_row)
