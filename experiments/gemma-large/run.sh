@@ -42,7 +42,7 @@ fi
 if wants edit; then
   python experiments/edit_requests.py --neurons $R/neurons.json --language en \
     --rules language:en,language_independent,carriers --count 12 --output $R/edits.jsonl
-  for rule in language_independent language:en carriers random ffn; do
+  for rule in language_independent language:en carriers uncertainty random ffn; do
     name=edit-${rule/:/-}
     timed $name knlight fit --config configs/edit/gemma3-270m.yaml --config $C/edit.yaml \
       --model.init_args.neuron_rule $rule --trainer.logger.init_args.name $name
