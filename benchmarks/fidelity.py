@@ -317,16 +317,21 @@ def real_run(model: str, records: list[dict[str, Any]], steps: int, batch: int, 
 
 
 def commit() -> str | None:
-    """The repository's HEAD commit (outside a git checkout, e.g. a ``git archive`` copy: $KNLIGHT_COMMIT)."""
+    """The repository's HEAD commit, ``+dirty`` when the library or benchmark code differs from it (outside a git
+    checkout, e.g. a ``git archive`` copy: $KNLIGHT_COMMIT)."""
     if os.environ.get("KNLIGHT_COMMIT"):
         return os.environ["KNLIGHT_COMMIT"]
     try:
-        run = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "knlight", "benchmarks"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
-    return run.stdout.strip()
+    return head + ("+dirty" if changed else "")
 
 
 def summarise_planted(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
