@@ -13,6 +13,7 @@ import pytest
 import knlight.tasks.intervention as intervention_task
 from knlight import load_lm
 from knlight.cli import main
+from knlight.errors import ConfigError
 from knlight.lm.options import LMOptions
 from knlight.neurons.interventions import Outcome, intervene
 from knlight.neurons.neuron_file import NeuronFileError, read_neuron_file, write_neuron_file
@@ -186,6 +187,28 @@ def test_a_neuron_file_of_another_model_is_refused(tmp_path: Path, in_repo: None
                 tmp_path, "--model.init_args.methods", json.dumps({"dai": {"neurons": str(other)}})
             )
         )
+
+
+def test_fact_specific_needs_specificity_labels(tmp_path: Path, in_repo: None) -> None:
+    neurons = read_neuron_file(REPO / "configs" / "tiny" / "neurons" / "dai.json")
+    for fact in neurons.facts.values():
+        fact.specificity = {}  # a file selected without --specificity.enabled true
+    unlabelled = write_neuron_file(tmp_path / "dai.json", neurons)
+    methods = {"dai_fact": {"neurons": str(unlabelled), "kind": "fact_specific"}}
+    with pytest.raises(
+        ConfigError, match=r"methods\.dai_fact\.kind=fact_specific: .*dai\.json has no specificity"
+    ):
+        main(intervene_args(tmp_path, "--model.init_args.methods", json.dumps(methods)))
+    # With labels: the rows test only the neurons labelled `fact`.
+    labelled = str(REPO / "configs" / "tiny" / "neurons" / "dai.json")
+    methods = {"f": {"neurons": labelled, "kind": "fact_specific"}}
+    main(intervene_args(tmp_path, "--model.init_args.methods", json.dumps(methods)))
+    file = read_neuron_file(labelled)
+    for row in table(tmp_path, "facts"):
+        fact = file.facts[row["uuid"]]
+        expected = fact.neurons("fact_specific", row["language"])
+        assert int(row["num_neurons"]) == len(expected) > 0
+        assert all(fact.specificity[n].label == "fact" for n in expected)
 
 
 def test_no_methods_is_a_clear_error() -> None:

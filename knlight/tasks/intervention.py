@@ -171,6 +171,13 @@ class InterventionModule(BaseTask):
             if source.neurons not in by_path:
                 by_path[source.neurons] = read_neuron_file(source.neurons, self.lm.num_layers, self.lm.d_ff)
             self.files[name] = by_path[source.neurons]
+            if source.kind == "fact_specific" and not any(
+                f.specificity for f in self.files[name].facts.values()
+            ):
+                raise ConfigError(
+                    f"model.init_args.methods.{name}.kind=fact_specific: {source.neurons} has no specificity "
+                    "labels. Select with `knlight select ... --specificity.enabled true`, or choose another kind."
+                )
             if self.files[name].model != self.model_name:
                 log.warning(
                     "method %s: %s was selected on %r, testing on %r (same shape)",
