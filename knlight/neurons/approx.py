@@ -161,7 +161,8 @@ def _gradient_rows(
             attention_mask=prefix_mask.to(device),
             position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device),
         )
-    row_query = torch.tensor([queries.index(q) for q in seqs])
+    slot = {q: row for row, q in enumerate(queries)}
+    row_query = torch.tensor([slot[q] for q in seqs])
     first = torch.tensor([starts[q] for q in seqs])
     suffix_ids, suffix_mask = lm.pad(
         [encoded[q].input_ids[starts[q] : p + 1] for q, p in zip(seqs, positions, strict=True)]
