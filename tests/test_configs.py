@@ -43,6 +43,12 @@ COMPOSE_WITH = {
         CONFIGS / "localize" / "gemma3-270m.yaml",
         CONFIGS / "gemma-large" / "localize.yaml",
     ],
+    "gemma-large/localize-amig-edits.yaml": [
+        CONFIGS / "trainer" / "localize.yaml",
+        CONFIGS / "localize" / "gemma3-270m.yaml",
+        CONFIGS / "gemma-large" / "localize.yaml",
+        CONFIGS / "gemma-large" / "localize-amig.yaml",
+    ],
     "gemma-large/intervene.yaml": [CONFIGS / "intervene" / "gemma3-270m.yaml"],
     "gemma-large/edit.yaml": [CONFIGS / "edit" / "gemma3-270m.yaml"],
     "gemma-large/enhance.yaml": [CONFIGS / "edit" / "enhance-gemma3-270m.yaml"],

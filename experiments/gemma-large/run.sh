@@ -7,7 +7,7 @@
 #   STEPS="select intervene" bash experiments/gemma-large/run.sh
 cd "$(dirname "$0")/../.." && source .venv/bin/activate
 E=experiments/gemma-large R=experiments/gemma-large/results C=configs/gemma-large
-ALL="data localize localize-amig select select-amig intervene enhance edit inject factcheck tables"
+ALL="data localize localize-amig select select-amig intervene enhance edit amig-edits inject factcheck tables"
 source experiments/lib.sh
 mkdir -p $R
 # the issue-9 probe ranks (same model, same queries) seed the cache: only the new languages are probed
@@ -46,6 +46,21 @@ if wants edit; then
     name=edit-${rule/:/-}
     timed $name knlight fit --config configs/edit/gemma3-270m.yaml --config $C/edit.yaml \
       --model.init_args.neuron_rule $rule --trainer.logger.init_args.name $name
+    mkdir -p $R/editing/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/editing/$name/
+  done
+fi
+if wants amig-edits; then  # experiment 3's AMIG rule: AMIG localization and selection of the 12 edited facts
+  python experiments/subset_records.py --records $E/data/gemma_large.jsonl --uuids_from $R/edits.jsonl \
+    --output $E/data/gemma_large.edits.jsonl
+  timed localize-amig-edits knlight predict "${base[@]}" --config $C/localize-amig.yaml \
+    --config $C/localize-amig-edits.yaml --trainer.devices 2 --trainer.strategy ddp
+  timed select-amig-edits knlight select --attributions $E/runs/localize-amig-edits/attributions \
+    --output $R/neurons-amig-edits.json --likn.min_languages 2 --uncertainty.enabled true --specificity.enabled true
+  for rule in language:en language_independent; do
+    name=edit-amig-${rule/:/-}
+    timed $name knlight fit --config configs/edit/gemma3-270m.yaml --config $C/edit.yaml \
+      --model.init_args.neurons $R/neurons-amig-edits.json --model.init_args.neuron_rule $rule \
+      --trainer.logger.init_args.name $name
     mkdir -p $R/editing/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/editing/$name/
   done
 fi

@@ -249,7 +249,8 @@ def intervention_section(out: list[str], directory: Path) -> None:
 
 def editing_section(out: list[str], directory: Path, title: str | None = None) -> None:
     order = [
-        "edit-language_independent", "edit-language-en", "edit-carriers", "edit-uncertainty", "edit-random",
+        "edit-language_independent", "edit-language-en", "edit-carriers", "edit-uncertainty", "edit-amig-language-en",
+        "edit-amig-language_independent", "edit-random",
         "edit-ffn", "inject-language_independent", "inject-random", "inject-ffn",
     ]  # fmt: skip
     runs = sorted(directory.glob("*/editing_test.json")) or sorted(directory.glob("*/editing_val.json"))
