@@ -63,6 +63,13 @@ if wants amig-edits; then  # experiment 3's AMIG rule: AMIG localization and sel
       --trainer.logger.init_args.name $name
     mkdir -p $R/editing/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/editing/$name/
   done
+  for source in amig:neurons-amig-edits dai-edits:neurons; do  # experiment 5 on the same 12 facts
+    name=enhance-${source%%:*}
+    timed $name knlight validate --config configs/edit/enhance-gemma3-270m.yaml --config $C/enhance.yaml \
+      --model.init_args.neurons $R/${source#*:}.json --data.init_args.path $E/data/gemma_large.edits.jsonl \
+      --trainer.logger.init_args.name $name
+    mkdir -p $R/$name && cp "$(latest $E/runs/$name)"/editing_*.{json,csv} $R/$name/
+  done
 fi
 if wants inject; then
   python experiments/relation_neurons.py --neurons $R/neurons.json --records $E/data/gemma_large.unknown.jsonl \
